@@ -1,0 +1,215 @@
+"""Bank artifacts: memory bank + faiss index + a JSON manifest that makes them traceable.
+
+A bank directory holds ``memory_bank.npy`` (``np.save``, no pickle), ``index.faiss`` and
+``index.json`` (see :mod:`pipeline.index`) and ``manifest.json``: backbone and weights
+sha256, every parameter, the training files with their sha256, metrics when known, library
+versions and the sha256 of every artifact file. The bank id is a content hash over the parts
+that define the model; loading recomputes every hash and refuses a mismatch.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .backbone import packaged_weights_path, sha256_file
+from .config import CoresetConfig, FeatureConfig, ScoringConfig, from_mapping, to_dict
+from .index import NNIndex
+from .model import PatchCore
+
+FORMAT = "tracebank-bank/1"
+MANIFEST = "manifest.json"
+#: Manifest sections covered by the bank id; metrics and threshold may be added later.
+_IDENTITY_KEYS = ("format", "backbone", "params", "training", "files")
+
+
+class BankError(RuntimeError):
+    """A bank directory is missing, incomplete or does not match its manifest."""
+
+
+def file_records(paths: Iterable[str | Path]) -> list[dict[str, str]]:
+    """``[{"path": ..., "sha256": ...}]`` for training-data provenance."""
+    return [{"path": str(p), "sha256": sha256_file(p)} for p in paths]
+
+
+def _canonical(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def bank_id_of(manifest: Mapping[str, Any]) -> str:
+    """Content hash identifying a bank: 16 hex digits of sha256 over its identity sections."""
+    return hashlib.sha256(_canonical({k: manifest[k] for k in _IDENTITY_KEYS})).hexdigest()[:16]
+
+
+def _versions() -> dict[str, str]:
+    import faiss
+    import timm
+    import torch
+
+    return {
+        "tracebank": __version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "faiss": faiss.__version__,
+    }
+
+
+def save_bank(
+    directory: str | Path,
+    model: PatchCore,
+    *,
+    training: Mapping[str, Any],
+    metrics: Mapping[str, Any] | None = None,
+    threshold: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write a fitted model as a bank directory, atomically (temp dir, then rename).
+
+    Args:
+        directory: target; must not exist yet.
+        model: a fitted :class:`~pipeline.model.PatchCore`.
+        training: provenance, e.g. ``{"spec": ..., "files": file_records(...)}``.
+        metrics: evaluation results, when known.
+        threshold: ``{"value": float, "method": str, ...}``, when known.
+
+    Returns:
+        The manifest written, including ``bank_id``.
+    """
+    model._check_fitted()
+    directory = Path(directory)
+    if directory.exists():
+        raise BankError(f"{directory} already exists; banks are immutable, choose a new directory")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        np.save(staging / "memory_bank.npy", model.memory_bank_, allow_pickle=False)
+        model.index_.save(staging)
+        backbone = model.extractor.backbone
+        manifest: dict[str, Any] = {
+            "format": FORMAT,
+            "backbone": {
+                "name": model.features.backbone,
+                "levels": list(model.features.levels),
+                "weights_source": backbone.weights_source,
+                "weights_sha256": backbone.weights_sha256,
+                "channels": list(backbone.channels),
+                "strides": list(backbone.strides),
+            },
+            "params": {
+                "features": to_dict(model.features),
+                "coreset": to_dict(model.coreset),
+                "scoring": to_dict(model.scoring),
+            },
+            "training": dict(training),
+            "files": {
+                name: sha256_file(staging / name)
+                for name in ("memory_bank.npy", "index.faiss", "index.json")
+            },
+        }
+        manifest["bank_id"] = bank_id_of(manifest)
+        manifest["bank_size"] = int(len(model.memory_bank_))
+        manifest["created_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        manifest["versions"] = _versions()
+        manifest["metrics"] = dict(metrics) if metrics else None
+        manifest["threshold"] = dict(threshold) if threshold else None
+        _write_json(staging / MANIFEST, manifest)
+        os.replace(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as handle:
+        json.dump(obj, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def read_manifest(directory: str | Path, *, verify: bool = True) -> dict[str, Any]:
+    """Read ``manifest.json`` and (by default) check every artifact hash and the bank id.
+
+    Raises:
+        BankError: naming the file that is missing or whose hash does not match.
+    """
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise BankError(f"{path} not found; {directory} is not a tracebank bank")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BankError(f"{path} is not valid JSON ({exc}); the bank is corrupt") from exc
+    if manifest.get("format") != FORMAT:
+        raise BankError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    if verify:
+        for name, expected in manifest["files"].items():
+            file = directory / name
+            if not file.is_file():
+                raise BankError(f"{file} is missing; the bank is incomplete")
+            actual = sha256_file(file)
+            if actual != expected:
+                raise BankError(
+                    f"{file} has sha256 {actual[:12]}... but the manifest records {expected[:12]}...; "
+                    "the file was changed or truncated: do not use this bank, refit or restore it"
+                )
+        if bank_id_of(manifest) != manifest.get("bank_id"):
+            raise BankError(f"{path}: contents do not match bank id {manifest.get('bank_id')}; the manifest was edited")
+    return manifest
+
+
+def update_manifest(directory: str | Path, **fields: Any) -> dict[str, Any]:
+    """Set non-identity fields (``metrics``, ``threshold``) of a verified bank's manifest."""
+    bad = set(fields) & set(_IDENTITY_KEYS + ("bank_id",))
+    if bad:
+        raise BankError(f"cannot change identity field(s) {sorted(bad)} of an existing bank")
+    manifest = read_manifest(directory)
+    manifest.update(fields)
+    _write_json(Path(directory) / MANIFEST, manifest)
+    return manifest
+
+
+def load_bank(directory: str | Path, *, device: str | None = None) -> tuple[PatchCore, dict[str, Any]]:
+    """Load a bank, verifying every hash, the backbone weights included.
+
+    Returns:
+        The fitted model and its manifest.
+    """
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    params = manifest["params"]
+    feature_values = dict(params["features"])
+    if device is not None:
+        feature_values["device"] = device
+    features = from_mapping(FeatureConfig, f"{directory}: params.features", feature_values)
+    model = PatchCore(
+        features,
+        from_mapping(CoresetConfig, f"{directory}: params.coreset", params["coreset"]),
+        from_mapping(ScoringConfig, f"{directory}: params.scoring", params["scoring"]),
+    )
+    expected = manifest["backbone"]["weights_sha256"]
+    if model.extractor.backbone.weights_sha256 != expected:
+        source = features.weights if features.weights != "default" else packaged_weights_path(features.backbone)
+        raise BankError(
+            f"backbone weights {source} have sha256 {model.extractor.backbone.weights_sha256[:12]}... "
+            f"but bank {manifest['bank_id']} was fitted with {expected[:12]}...; install the same weights"
+        )
+    bank = np.load(directory / "memory_bank.npy", allow_pickle=False)
+    model.set_bank(bank, NNIndex.load(directory))
+    return model, manifest

@@ -1,0 +1,137 @@
+"""Frozen settings, one dataclass per stage, loaded from a section of ``params.yaml``.
+
+Field names match the constructor arguments of the code they configure, so the CLI, the
+DVC stages and the Prefect flow all pass the same object. Unknown keys are an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A settings section has an unknown key or a value out of range."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureConfig:
+    """How images become patch features.
+
+    Attributes:
+        backbone: timm model name.
+        weights: ``"default"`` (the offline EfficientNet-Lite0 package weights), ``"hub"``
+            (timm's pretrained weights, needs the network) or a path to ``.pth``/``.safetensors``.
+        levels: two (or more) timm ``features_only`` stage indices; the first is the finest.
+        image_size: side of the network input in pixels.
+        resize: ``"squash"`` (stretch to a square) or ``"letterbox"`` (keep aspect, pad by
+            edge replication, crop the map back).
+        normalization: ``"tf"`` ((x - 127) / 128, for TensorFlow ports) or ``"imagenet"``.
+        neighbourhood: side of the local average pooling window (the paper's p = 3).
+        proj_dim: optional random projection of the concatenated features (None keeps all).
+        device: ``"cpu"`` or ``"cuda"``.
+    """
+
+    backbone: str = "tf_efficientnet_lite0"
+    weights: str = "default"
+    levels: tuple[int, ...] = (2, 3)
+    image_size: int = 320
+    resize: str = "squash"
+    normalization: str = "tf"
+    neighbourhood: int = 3
+    proj_dim: int | None = None
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "levels", tuple(int(v) for v in self.levels))
+        if len(self.levels) < 1 or list(self.levels) != sorted(set(self.levels)):
+            raise ConfigError(f"features.levels must be increasing stage indices, got {self.levels}")
+        if not 32 <= self.image_size <= 2048:
+            raise ConfigError(f"features.image_size must be in [32, 2048], got {self.image_size}")
+        if self.resize not in ("squash", "letterbox"):
+            raise ConfigError(f"features.resize must be 'squash' or 'letterbox', got {self.resize!r}")
+        if self.normalization not in ("tf", "imagenet"):
+            raise ConfigError(
+                f"features.normalization must be 'tf' or 'imagenet', got {self.normalization!r}"
+            )
+        if self.neighbourhood < 1 or self.neighbourhood % 2 == 0:
+            raise ConfigError(f"features.neighbourhood must be odd and >= 1, got {self.neighbourhood}")
+        if self.proj_dim is not None and self.proj_dim < 1:
+            raise ConfigError(f"features.proj_dim must be positive or null, got {self.proj_dim}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CoresetConfig:
+    """Greedy k-center coreset selection.
+
+    Attributes:
+        ratio: fraction of patch features kept, in (0, 1].
+        proj_dim: dimension of the Johnson-Lindenstrauss projection used for distances.
+        seed: seed of the projection and the first centre.
+    """
+
+    ratio: float = 0.01
+    proj_dim: int = 128
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.ratio <= 1.0:
+            raise ConfigError(f"coreset.ratio must be in (0, 1], got {self.ratio}")
+        if self.proj_dim < 1:
+            raise ConfigError(f"coreset.proj_dim must be positive, got {self.proj_dim}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoringConfig:
+    """Nearest-neighbour scoring and anomaly maps.
+
+    Attributes:
+        num_neighbors: b of the paper's Eq. 7 reweighting (bank neighbours of m*).
+        index: ``"flat"`` (exact L2) or ``"ivfpq"`` (approximate, for very large banks).
+        sigma: Gaussian smoothing of the anomaly map, in input pixels.
+    """
+
+    num_neighbors: int = 9
+    index: str = "flat"
+    sigma: float = 4.0
+
+    def __post_init__(self) -> None:
+        if self.num_neighbors < 1:
+            raise ConfigError(f"scoring.num_neighbors must be >= 1, got {self.num_neighbors}")
+        if self.index not in ("flat", "ivfpq"):
+            raise ConfigError(f"scoring.index must be 'flat' or 'ivfpq', got {self.index!r}")
+        if self.sigma < 0:
+            raise ConfigError(f"scoring.sigma must be >= 0, got {self.sigma}")
+
+
+def from_mapping(cls: type[T], section: str, values: Mapping[str, Any] | None) -> T:
+    """Build settings ``cls`` from a mapping, refusing keys it does not know.
+
+    Args:
+        cls: a dataclass type from this module (or any frozen dataclass).
+        section: name used in error messages, e.g. ``"params.yaml: coreset"``.
+        values: the mapping; ``None`` means all defaults.
+
+    Raises:
+        ConfigError: on an unknown key or an invalid value.
+    """
+    values = dict(values or {})
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(
+            f"{section}: unknown key(s) {', '.join(unknown)}; known keys are {', '.join(sorted(known))}"
+        )
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise ConfigError(f"{section}: {exc}") from exc
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """Settings as plain JSON-friendly types (tuples become lists)."""
+    out = dataclasses.asdict(obj)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}

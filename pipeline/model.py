@@ -1,0 +1,134 @@
+"""The PatchCore estimator: fit on nominal images, score new ones.
+
+Scikit-learn style: ``__init__`` stores validated settings, :meth:`PatchCore.fit` returns
+``self`` and sets ``memory_bank_`` and ``index_``; scoring before fitting is an error.
+The estimator does no file I/O and no logging; callers loop over data and report progress.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from .config import CoresetConfig, FeatureConfig, ScoringConfig
+from .coreset import greedy_coreset
+from .features import FeatureExtractor, Placement
+from .index import NNIndex
+from .scoring import anomaly_maps, reweighted_image_scores, to_original
+
+
+class NotFittedError(RuntimeError):
+    """Scoring was asked of a model that has no memory bank yet."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    """Scores of a batch of images.
+
+    Attributes:
+        scores: ``(B,)`` float32 image anomaly scores (Eq. 7).
+        maps: B float32 anomaly maps, each at its image's original ``(H, W)``.
+    """
+
+    scores: np.ndarray
+    maps: list[np.ndarray]
+
+
+class PatchCore:
+    """PatchCore anomaly detector.
+
+    Args:
+        features: how images become patch features.
+        coreset: memory-bank subsampling.
+        scoring: nearest-neighbour scoring and maps.
+        extractor: a ready feature extractor (else built from ``features``).
+    """
+
+    def __init__(
+        self,
+        features: FeatureConfig | None = None,
+        coreset: CoresetConfig | None = None,
+        scoring: ScoringConfig | None = None,
+        *,
+        extractor: FeatureExtractor | None = None,
+    ) -> None:
+        self.features = features or FeatureConfig()
+        self.coreset = coreset or CoresetConfig()
+        self.scoring = scoring or ScoringConfig()
+        self.extractor = extractor or FeatureExtractor(self.features)
+
+    def extract(self, batches: Iterable[Sequence[np.ndarray]], on_batch: Callable[[int], None] | None = None) -> np.ndarray:
+        """Patch features of all images, stacked: ``(N_images * h * w, D)`` float32."""
+        chunks: list[np.ndarray] = []
+        for batch in batches:
+            feats, _ = self.extractor(batch)  # (B, h, w, D)
+            chunks.append(feats.reshape(-1, feats.shape[-1]).numpy())
+            if on_batch is not None:
+                on_batch(len(batch))
+        if not chunks:
+            raise ValueError("no training images: a memory bank needs at least one nominal image")
+        return np.concatenate(chunks)
+
+    def fit_features(
+        self, features: np.ndarray, on_centres: Callable[[int], None] | None = None
+    ) -> PatchCore:
+        """Select the memory bank from precomputed patch features ``(N, D)`` and index it."""
+        idx = greedy_coreset(
+            features,
+            self.coreset.ratio,
+            seed=self.coreset.seed,
+            proj_dim=self.coreset.proj_dim,
+            progress=on_centres,
+        )
+        self.set_bank(np.ascontiguousarray(features[np.sort(idx)], dtype=np.float32))
+        self.n_train_features_ = int(len(features))
+        return self
+
+    def fit(
+        self,
+        batches: Iterable[Sequence[np.ndarray]],
+        on_batch: Callable[[int], None] | None = None,
+        on_centres: Callable[[int], None] | None = None,
+    ) -> PatchCore:
+        """Fit on batches of nominal images (``(H, W)`` or ``(H, W, 3)`` uint8 arrays)."""
+        return self.fit_features(self.extract(batches, on_batch), on_centres)
+
+    def set_bank(self, bank: np.ndarray, index: NNIndex | None = None) -> None:
+        """Install a memory bank ``(M, D)`` (and its index, built when omitted)."""
+        if bank.ndim != 2 or bank.shape[1] != self.extractor.dim:
+            raise ValueError(
+                f"memory bank must be (M, {self.extractor.dim}) for this backbone, got {bank.shape}"
+            )
+        self.memory_bank_ = bank
+        self.index_ = index or NNIndex(self.scoring.index).fit(bank)
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "memory_bank_"):
+            raise NotFittedError("this PatchCore has no memory bank yet; call fit() or load a bank")
+
+    def score_features(self, feats: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
+        """Image scores and patch-score grids of ``(B, h, w, D)`` features."""
+        self._check_fitted()
+        b, h, w, d = feats.shape
+        queries = feats.reshape(b, h * w, d).numpy()
+        dist_sq, nearest = self.index_.search(queries.reshape(-1, d), 1)
+        patch = np.sqrt(dist_sq[:, 0]).reshape(b, h * w)  # (B, h*w)
+        scores = reweighted_image_scores(
+            queries, patch, nearest[:, 0].reshape(b, h * w), self.memory_bank_, self.index_,
+            self.scoring.num_neighbors,
+        )
+        return scores, torch.from_numpy(patch.reshape(b, h, w))
+
+    def predict(self, images: Sequence[np.ndarray], *, maps: bool = True) -> Prediction:
+        """Score a batch of images; anomaly maps at each image's original size."""
+        self._check_fitted()
+        feats, placements = self.extractor(images)
+        scores, grid = self.score_features(feats)
+        return Prediction(scores=scores, maps=self._maps(grid, placements) if maps else [])
+
+    def _maps(self, grid: torch.Tensor, placements: list[Placement]) -> list[np.ndarray]:
+        full = anomaly_maps(grid, self.features.image_size, self.scoring.sigma).numpy()
+        return [to_original(m, p) for m, p in zip(full, placements, strict=True)]
