@@ -110,7 +110,9 @@ def remap_state_dict(
     """Map ``source`` onto ``target``'s keys: by name when they match, else entry by entry.
 
     ``num_batches_tracked`` counters are ignored on both sides. In-order mapping requires the
-    same number of tensors with the same shapes in the same order.
+    same number of tensors with the same shapes in the same order. ``.safetensors`` files
+    come back in sorted key order, so in-order mapping works for them only when their keys
+    sort in model order (name keys as timm does, or zero-pad numbered ones).
 
     Raises:
         BackboneError: if neither mapping fits.

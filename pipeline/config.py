@@ -38,7 +38,7 @@ class FeatureConfig:
     backbone: str = "tf_efficientnet_lite0"
     weights: str = "default"
     levels: tuple[int, ...] = (2, 3)
-    image_size: int = 320
+    image_size: int = 224
     resize: str = "squash"
     normalization: str = "tf"
     neighbourhood: int = 3

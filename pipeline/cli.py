@@ -1,0 +1,277 @@
+"""The ``tracebank`` command line: fit, evaluate and predict with banks on disk.
+
+Progress bars go to stderr; ``--json`` prints exactly one JSON object on stdout for scripts.
+Errors a user can fix (bad spec, corrupt bank, unreadable image) exit with status 2 and a
+one-line message instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from .bank import BankError, load_bank, save_bank
+from .config import ConfigError, CoresetConfig, FeatureConfig, ScoringConfig, from_mapping
+from .datasets import DatasetError, open_dataset
+from .evaluation import evaluate
+from .images import ImageError, read_image
+from .overlay import heatmap_overlay
+from .stages import FeatureStore, extract_features, training_record
+
+#: Exit status for errors in what the user asked (not bugs).
+USER_ERROR = 2
+Command = Callable[[argparse.Namespace], dict[str, Any]]
+COMMANDS: dict[str, Command] = {}
+
+
+def command(name: str) -> Callable[[Command], Command]:
+    def register(func: Command) -> Command:
+        COMMANDS[name] = func
+        return func
+
+    return register
+
+
+def _bar(total: int, desc: str, quiet: bool) -> tqdm:
+    return tqdm(total=total, desc=desc, unit="img" if "imag" in desc else "it", disable=quiet, file=sys.stderr)
+
+
+def _feature_config(args: argparse.Namespace) -> FeatureConfig:
+    values: dict[str, Any] = {
+        "backbone": args.backbone,
+        "weights": args.weights,
+        "levels": tuple(int(v) for v in args.levels.split(",")),
+        "image_size": args.size,
+        "resize": args.resize,
+        "normalization": args.normalization,
+        "device": args.device,
+    }
+    if args.backbone != "tf_efficientnet_lite0" and args.normalization == "tf" and not args.backbone.startswith("tf_"):
+        values["normalization"] = "imagenet"
+    return from_mapping(FeatureConfig, "command line", values)
+
+
+def fit_bank(
+    spec: str,
+    out: Path,
+    features: FeatureConfig,
+    coreset: CoresetConfig,
+    scoring: ScoringConfig,
+    *,
+    batch_size: int = 8,
+    quiet: bool = False,
+    evaluate_after: bool = True,
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """Fit a bank on the nominal images of ``spec``, evaluate it on the test split when
+    there is one (to set the threshold), and save it to ``out``."""
+    from .model import PatchCore
+
+    dataset = open_dataset(spec)
+    if limit:
+        dataset = dataset.subset(limit, limit)
+    model = PatchCore(features, coreset, scoring)
+    timings: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="tracebank-features-") as tmp:
+        start = time.perf_counter()
+        with _bar(len(dataset.train), "extracting features (images)", quiet) as bar:
+            store: FeatureStore = extract_features(
+                dataset.train, model.extractor, tmp, batch_size=batch_size, on_batch=bar.update
+            )
+        timings["extract_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        feats = store.array()
+        from .coreset import coreset_size
+
+        with _bar(coreset_size(len(feats), coreset.ratio), "selecting coreset (centres)", quiet) as bar:
+            model.fit_features(feats, on_centres=bar.update)
+        timings["coreset_s"] = time.perf_counter() - start
+        del feats
+    metrics = threshold = None
+    if evaluate_after and dataset.test:
+        start = time.perf_counter()
+        with _bar(len(dataset.test), "evaluating (images)", quiet) as bar:
+            result = evaluate(model, dataset.test, batch_size=batch_size, keep_maps=False, on_batch=bar.update)
+        timings["evaluate_s"] = time.perf_counter() - start
+        metrics = result.metrics
+        if metrics.get("threshold") is not None:
+            threshold = {
+                "value": metrics["threshold"],
+                "method": metrics["threshold_method"],
+                "evaluated_on": spec,
+            }
+    manifest = save_bank(
+        out,
+        model,
+        training=training_record(spec, store, {"timings": timings}),
+        metrics=metrics,
+        threshold=threshold,
+    )
+    return {
+        "bank": str(out),
+        "bank_id": manifest["bank_id"],
+        "bank_size": manifest["bank_size"],
+        "n_train": len(store.files),
+        "skipped": store.skipped,
+        "metrics": metrics,
+        "threshold": threshold,
+        "timings": timings,
+    }
+
+
+@command("fit")
+def _fit(args: argparse.Namespace) -> dict[str, Any]:
+    return fit_bank(
+        args.data,
+        Path(args.out),
+        _feature_config(args),
+        from_mapping(CoresetConfig, "command line", {"ratio": args.ratio, "seed": args.seed}),
+        from_mapping(ScoringConfig, "command line", {"num_neighbors": args.neighbors, "index": args.index}),
+        batch_size=args.batch_size,
+        quiet=args.quiet or args.json,
+        evaluate_after=not args.no_evaluate,
+        limit=args.limit,
+    )
+
+
+@command("evaluate")
+def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    model, manifest = load_bank(args.bank, device=args.device)
+    dataset = open_dataset(args.data)
+    if args.limit:
+        dataset = dataset.subset(None, args.limit)
+    if not dataset.test:
+        raise DatasetError(f"{args.data} has no labelled test images to evaluate on")
+    with _bar(len(dataset.test), "evaluating (images)", args.quiet or args.json) as bar:
+        result = evaluate(model, dataset.test, batch_size=args.batch_size, keep_maps=False, on_batch=bar.update)
+    out = dict(result.metrics)
+    out["bank_id"] = manifest["bank_id"]
+    out["skipped"] = [{"path": p, "reason": r} for p, r in result.report.skipped]
+    return out
+
+
+@command("predict")
+def _predict(args: argparse.Namespace) -> dict[str, Any]:
+    model, manifest = load_bank(args.bank, device=args.device)
+    threshold = (manifest.get("threshold") or {}).get("value")
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results: list[dict[str, Any]] = []
+    for path in tqdm(args.images, desc="predicting", unit="img", disable=args.quiet or args.json, file=sys.stderr):
+        try:
+            image = read_image(path)
+        except ImageError as exc:
+            results.append({"path": path, "error": str(exc)})
+            continue
+        pred = model.predict([image])
+        score = float(pred.scores[0])
+        overlay = heatmap_overlay(image, pred.maps[0], threshold)
+        target = out_dir / f"{Path(path).stem}_heatmap.png"
+        Image.fromarray(overlay).save(target)
+        decision = None if threshold is None else ("anomalous" if score >= threshold else "good")
+        results.append({"path": path, "score": score, "decision": decision, "heatmap": str(target)})
+    return {"bank_id": manifest["bank_id"], "threshold": threshold, "results": results}
+
+
+def _print_human(name: str, result: dict[str, Any]) -> None:
+    if name == "predict":
+        for item in result["results"]:
+            if "error" in item:
+                print(f"{item['path']}: ERROR {item['error']}")
+            else:
+                print(f"{item['path']}: score {item['score']:.4f} -> {item['decision'] or 'no threshold'}"
+                      f"  ({item['heatmap']})")
+        return
+    metrics = result.get("metrics", result) or {}
+    if name == "fit":
+        print(f"bank {result['bank_id']} written to {result['bank']} ({result['bank_size']} patches "
+              f"from {result['n_train']} images)")
+        for item in result["skipped"]:
+            print(f"skipped {item['path']}: {item['reason']}")
+    for key in ("image_auroc", "pixel_auroc", "pro", "n_good", "n_defect", "threshold"):
+        if key in metrics:
+            value = metrics[key]
+            print(f"{key:12s} {value:.4f}" if isinstance(value, float) else f"{key:12s} {value}")
+    for key, value in (result.get("timings") or {}).items():
+        print(f"{key:12s} {value:.1f}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tracebank", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.add_argument("--device", default="cpu", help="cpu or cuda")
+        p.add_argument("--batch-size", type=int, default=8)
+
+    defaults = FeatureConfig()
+    fit = sub.add_parser("fit", help="fit a memory bank on nominal images")
+    fit.add_argument("--data", required=True, help="mvtec:PATH/CAT, mtd:PATH, elpv:mono|poly, folder:PATH")
+    fit.add_argument("--out", required=True, help="bank directory to create")
+    fit.add_argument("--backbone", default=defaults.backbone)
+    fit.add_argument("--weights", default=defaults.weights, help="default | hub | PATH.pth | PATH.safetensors")
+    fit.add_argument("--levels", default=",".join(map(str, defaults.levels)))
+    fit.add_argument("--size", type=int, default=defaults.image_size)
+    fit.add_argument("--resize", default=defaults.resize, choices=["squash", "letterbox"])
+    fit.add_argument("--normalization", default=defaults.normalization, choices=["tf", "imagenet"])
+    fit.add_argument("--ratio", type=float, default=CoresetConfig().ratio, help="coreset ratio in (0, 1]")
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--neighbors", type=int, default=ScoringConfig().num_neighbors)
+    fit.add_argument("--index", default="flat", choices=["flat", "ivfpq"])
+    fit.add_argument("--limit", type=int, help="use only the first N training / N test images")
+    fit.add_argument("--no-evaluate", action="store_true", help="skip evaluation (no threshold)")
+    common(fit)
+
+    ev = sub.add_parser("evaluate", help="image AUROC, pixel AUROC and PRO of a bank on a dataset")
+    ev.add_argument("bank")
+    ev.add_argument("--data", required=True)
+    ev.add_argument("--limit", type=int, help="a stratified sample of N test images")
+    common(ev)
+
+    pr = sub.add_parser("predict", help="score images and write heatmap overlays")
+    pr.add_argument("bank")
+    pr.add_argument("images", nargs="+")
+    pr.add_argument("--out", default="out/heatmaps", help="folder for overlays")
+    common(pr)
+    return parser
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = COMMANDS[args.command](args)
+    except (DatasetError, BankError, ConfigError, ImageError, FileNotFoundError, ValueError) as exc:
+        if getattr(args, "json", False):
+            print(json.dumps({"error": str(exc)}))
+        else:
+            print(f"tracebank {args.command}: error: {exc}", file=sys.stderr)
+        return USER_ERROR
+    if getattr(args, "json", False):
+        print(json.dumps(result, default=_json_default))
+    else:
+        _print_human(args.command, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""The ``tracebank`` console script, run as a user runs it."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+
+def tracebank(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).parent / "tracebank"
+    proc = subprocess.run([str(exe), *args], capture_output=True, text=True, cwd=REPO, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"tracebank {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def bank(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "bank"
+    proc = tracebank("fit", "--data", "elpv:mono", "--out", str(out), "--limit", "40", "--ratio", "0.05", "--json")
+    return out, json.loads(proc.stdout)
+
+
+def test_fit_writes_a_bank_with_threshold(bank):
+    out, result = bank
+    assert (out / "manifest.json").is_file()
+    assert result["n_train"] == 40 and result["bank_size"] > 0
+    assert result["threshold"]["method"] == "f1_optimal"
+
+
+def test_evaluate_json_keys(bank):
+    out, _ = bank
+    result = json.loads(tracebank("evaluate", str(out), "--data", "elpv:mono", "--limit", "30", "--json").stdout)
+    for key in ("image_auroc", "pixel_auroc", "pro", "n_good", "n_defect"):
+        assert key in result
+    assert result["n_good"] == 15 and result["n_defect"] == 15
+    assert result["image_auroc"] > 0.6
+    assert result["pixel_auroc"] is None  # ELPV has no masks
+
+
+def test_predict_scores_and_heatmaps(bank, elpv_mono, tmp_path):
+    out, _ = bank
+    good = next(s.path for s in elpv_mono.test if s.label == 0)
+    bad = next(s.path for s in elpv_mono.test if s.label == 1)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n")
+    proc = tracebank("predict", str(out), good, bad, str(broken), "--out", str(tmp_path / "maps"), "--json")
+    results = json.loads(proc.stdout)["results"]
+    assert results[0]["decision"] in ("good", "anomalous") and Path(results[0]["heatmap"]).is_file()
+    assert "broken.png" in results[2]["error"]
+
+
+def test_corrupt_bank_is_a_one_line_error(bank, tmp_path):
+    import shutil
+
+    out, _ = bank
+    copy = tmp_path / "b"
+    shutil.copytree(out, copy)
+    (copy / "memory_bank.npy").write_bytes(b"garbage")
+    proc = tracebank("evaluate", str(copy), "--data", "elpv:mono", check=False)
+    assert proc.returncode == 2
+    assert "memory_bank.npy" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,80 @@
+import json
+
+import numpy as np
+import pytest
+
+from pipeline.bank import BankError, load_bank, read_manifest, save_bank, update_manifest
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, small_mtd_model):
+    path = tmp_path_factory.mktemp("banks") / "bank"
+    manifest = save_bank(path, small_mtd_model, training={"spec": "mtd", "files": []},
+                         threshold={"value": 1.5, "method": "f1_optimal"})
+    return path, manifest
+
+
+def test_round_trip_gives_same_scores(saved, small_mtd_model, mtd_dataset):
+    from pipeline.datasets import load_images
+
+    path, manifest = saved
+    model, loaded = load_bank(path)
+    assert loaded["bank_id"] == manifest["bank_id"]
+    images = [img for _, img, _ in load_images(mtd_dataset.test[:2])]
+    np.testing.assert_allclose(model.predict(images).scores, small_mtd_model.predict(images).scores, rtol=1e-5)
+    for key in ("backbone", "params", "training", "files", "versions", "bank_size"):
+        assert key in loaded
+    assert loaded["backbone"]["weights_sha256"] and len(loaded["files"]) == 3
+
+
+def test_no_pickle_in_artifacts(saved):
+    path, _ = saved
+    np.load(path / "memory_bank.npy", allow_pickle=False)
+    assert json.loads((path / "manifest.json").read_text())["format"] == "tracebank-bank/1"
+
+
+def _copy(saved, tmp_path):
+    import shutil
+
+    target = tmp_path / "copy"
+    shutil.copytree(saved[0], target)
+    return target
+
+
+def test_one_changed_byte_is_refused_naming_the_file(saved, tmp_path):
+    bank = _copy(saved, tmp_path)
+    data = bytearray((bank / "memory_bank.npy").read_bytes())
+    data[-5] ^= 0xFF
+    (bank / "memory_bank.npy").write_bytes(bytes(data))
+    with pytest.raises(BankError, match=r"memory_bank\.npy has sha256 .* but the manifest records"):
+        load_bank(bank)
+
+
+def test_truncated_index_is_refused(saved, tmp_path):
+    bank = _copy(saved, tmp_path)
+    data = (bank / "index.faiss").read_bytes()
+    (bank / "index.faiss").write_bytes(data[: len(data) // 2])
+    with pytest.raises(BankError, match=r"index\.faiss"):
+        load_bank(bank)
+
+
+def test_edited_manifest_is_refused(saved, tmp_path):
+    bank = _copy(saved, tmp_path)
+    manifest = json.loads((bank / "manifest.json").read_text())
+    manifest["params"]["scoring"]["num_neighbors"] = 1
+    (bank / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BankError, match="manifest was edited"):
+        read_manifest(bank)
+
+
+def test_existing_directory_never_overwritten(saved, small_mtd_model):
+    with pytest.raises(BankError, match="already exists"):
+        save_bank(saved[0], small_mtd_model, training={})
+
+
+def test_metrics_can_be_added_but_identity_cannot(saved, tmp_path):
+    bank = _copy(saved, tmp_path)
+    update_manifest(bank, metrics={"image_auroc": 0.9})
+    assert read_manifest(bank)["metrics"] == {"image_auroc": 0.9}
+    with pytest.raises(BankError, match="identity"):
+        update_manifest(bank, params={})

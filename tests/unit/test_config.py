@@ -1,0 +1,30 @@
+import pytest
+
+from pipeline.config import ConfigError, CoresetConfig, FeatureConfig, ScoringConfig, from_mapping, to_dict
+
+
+def test_unknown_key_is_an_error_naming_it():
+    with pytest.raises(ConfigError, match=r"params.yaml: coreset: unknown key\(s\) ratoi"):
+        from_mapping(CoresetConfig, "params.yaml: coreset", {"ratoi": 0.1})
+
+
+@pytest.mark.parametrize(
+    ("cls", "values", "field"),
+    [
+        (CoresetConfig, {"ratio": 1.5}, "coreset.ratio"),
+        (FeatureConfig, {"resize": "crop"}, "features.resize"),
+        (FeatureConfig, {"levels": [3, 2]}, "features.levels"),
+        (FeatureConfig, {"image_size": 8}, "features.image_size"),
+        (ScoringConfig, {"index": "hnsw"}, "scoring.index"),
+        (ScoringConfig, {"num_neighbors": 0}, "scoring.num_neighbors"),
+    ],
+)
+def test_invalid_values_name_the_field(cls, values, field):
+    with pytest.raises(ConfigError, match=field):
+        from_mapping(cls, "params.yaml", values)
+
+
+def test_round_trip_through_dict():
+    cfg = FeatureConfig(levels=(1, 2), image_size=256, resize="letterbox")
+    assert from_mapping(FeatureConfig, "x", to_dict(cfg)) == cfg
+    assert to_dict(cfg)["levels"] == [1, 2]

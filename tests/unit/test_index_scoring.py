@@ -1,0 +1,79 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.index import NNIndex
+from pipeline.scoring import anomaly_maps, gaussian_kernel, reweighted_image_scores
+
+
+def _bank(m=300, d=24, seed=0):
+    return np.random.default_rng(seed).normal(size=(m, d)).astype(np.float32)
+
+
+def test_flat_search_matches_brute_force():
+    bank, queries = _bank(), _bank(50, seed=1)
+    dist, idx = NNIndex("flat").fit(bank).search(queries, 3)
+    full = ((queries[:, None, :] - bank[None]) ** 2).sum(-1)
+    expected = np.argsort(full, axis=1)[:, :3]
+    np.testing.assert_array_equal(idx, expected)
+    np.testing.assert_allclose(dist, np.take_along_axis(full, expected, 1), rtol=1e-4)
+
+
+def test_index_save_load_round_trip(tmp_path):
+    bank, queries = _bank(), _bank(10, seed=2)
+    index = NNIndex("flat").fit(bank)
+    index.save(tmp_path)
+    loaded = NNIndex.load(tmp_path)
+    assert loaded.ntotal == 300
+    np.testing.assert_array_equal(index.search(queries, 2)[1], loaded.search(queries, 2)[1])
+
+
+def test_ivfpq_finds_most_true_neighbours():
+    bank = _bank(12000, 32)
+    queries = bank[:200] + 0.01
+    _, idx = NNIndex("ivfpq", nprobe=32).fit(bank).search(queries, 1)
+    assert (idx[:, 0] == np.arange(200)).mean() > 0.9
+
+
+def test_eq7_worked_case():
+    # Bank on a line: m* = (0,0) with neighbours at distance 1 and 2 from it.
+    bank = np.array([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0], [10.0, 0.0]], np.float32)
+    index = NNIndex("flat").fit(bank)
+    query = np.array([[[0.0, 3.0], [0.0, 1.0]]], np.float32)  # (B=1, P=2, D=2)
+    patch = np.array([[3.0, 1.0]], np.float32)
+    nearest = np.array([[0, 0]])
+    score = reweighted_image_scores(query, patch, nearest, bank, index, num_neighbors=3)[0]
+    d = np.array([3.0, math.sqrt(10.0), math.sqrt(13.0)])  # query to m*, bank[1], bank[2]
+    expected = (1 - math.exp(d[0]) / np.exp(d).sum()) * 3.0
+    assert score == pytest.approx(expected, rel=1e-5)
+    plain = reweighted_image_scores(query, patch, nearest, bank, index, num_neighbors=1)[0]
+    assert plain == pytest.approx(3.0)
+
+
+def test_eq7_large_distances_do_not_overflow():
+    bank = np.array([[0.0], [1000.0], [2000.0]], np.float32)
+    index = NNIndex("flat").fit(bank)
+    score = reweighted_image_scores(
+        np.array([[[900.0]]], np.float32), np.array([[900.0]], np.float32), np.array([[0]]), bank, index, 3
+    )[0]
+    assert np.isfinite(score) and 0 < score <= 900.0
+
+
+def test_gaussian_kernel_normalised_and_symmetric():
+    k = gaussian_kernel(4.0)
+    assert float(k.sum()) == pytest.approx(1.0, abs=1e-6)
+    assert torch.allclose(k, k.flip(0))
+    assert len(k) == 2 * 16 + 1
+
+
+def test_anomaly_map_keeps_constant_and_location():
+    grid = torch.zeros(1, 28, 28)
+    grid[0, 5, 20] = 10.0
+    amap = anomaly_maps(grid, 224, 4.0)[0]
+    assert amap.shape == (224, 224)
+    y, x = np.unravel_index(int(amap.argmax()), amap.shape)
+    assert abs(y - (5 + 0.5) * 8) <= 8 and abs(x - (20 + 0.5) * 8) <= 8
+    flat = anomaly_maps(torch.full((1, 28, 28), 2.5), 224, 4.0)[0]
+    assert torch.allclose(flat, torch.full_like(flat, 2.5), atol=1e-5)
