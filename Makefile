@@ -18,7 +18,10 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/tracebank run --data elpv:mono
+	rm -rf runs/elpv-mono
+	$(VENV)/bin/tracebank fit --data elpv:mono --out runs/elpv-mono/bank
+	$(VENV)/bin/tracebank evaluate runs/elpv-mono/bank --data elpv:mono
+	$(VENV)/bin/tracebank predict runs/elpv-mono/bank --data elpv:mono --count 6 --out runs/elpv-mono/heatmaps
 
 test: $(STAMP)
 	$(PY) -m pytest -q

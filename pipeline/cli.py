@@ -166,8 +166,13 @@ def _predict(args: argparse.Namespace) -> dict[str, Any]:
     threshold = (manifest.get("threshold") or {}).get("value")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    paths = list(args.images)
+    if args.data:
+        paths += [s.path for s in open_dataset(args.data).subset(None, args.count, seed=0).test]
+    if not paths:
+        raise ValueError("give image paths, or --data SPEC to predict on some of its test images")
     results: list[dict[str, Any]] = []
-    for path in tqdm(args.images, desc="predicting", unit="img", disable=args.quiet or args.json, file=sys.stderr):
+    for path in tqdm(paths, desc="predicting", unit="img", disable=args.quiet or args.json, file=sys.stderr):
         try:
             image = read_image(path)
         except ImageError as exc:
@@ -242,7 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("predict", help="score images and write heatmap overlays")
     pr.add_argument("bank")
-    pr.add_argument("images", nargs="+")
+    pr.add_argument("images", nargs="*")
+    pr.add_argument("--data", help="also predict on test images of this dataset spec")
+    pr.add_argument("--count", type=int, default=6, help="how many test images with --data (half defective)")
     pr.add_argument("--out", default="out/heatmaps", help="folder for overlays")
     common(pr)
     return parser

@@ -40,11 +40,11 @@ def extractor():
 
 @pytest.fixture(scope="session")
 def small_mtd_model(mtd_dataset, extractor):
-    """A bank fitted on 40 real MTD nominal tiles (10% coreset)."""
+    """A bank fitted on 150 real MTD nominal tiles (5% coreset)."""
     from pipeline.config import CoresetConfig
     from pipeline.datasets import load_images
     from pipeline.model import PatchCore
 
-    images = [img for _, img, _ in load_images(mtd_dataset.train[:40])]
-    model = PatchCore(extractor.config, CoresetConfig(ratio=0.1), extractor=extractor)
+    images = [img for _, img, _ in load_images(mtd_dataset.train[:150])]
+    model = PatchCore(extractor.config, CoresetConfig(ratio=0.05), extractor=extractor)
     return model.fit([images[i : i + 8] for i in range(0, len(images), 8)])
