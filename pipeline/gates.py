@@ -1,0 +1,79 @@
+"""Promotion gates: metric floors and non-regression against the production bank."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class GateConfig:
+    """Floors a candidate must reach, and how much worse than production it may be.
+
+    Attributes:
+        image_auroc_min, pro_min, pixel_auroc_min: floors; ``None`` disables one. PRO and
+            pixel AUROC floors apply only where the evaluation set has masks.
+        max_regression: largest allowed drop of any gated metric against the production
+            bank on the same evaluation set.
+    """
+
+    image_auroc_min: float | None = 0.8
+    pro_min: float | None = 0.6
+    pixel_auroc_min: float | None = 0.8
+    max_regression: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("image_auroc_min", "pro_min", "pixel_auroc_min"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ValueError(f"gates.{name} must be in [0, 1] or null, got {value}")
+        if self.max_regression < 0:
+            raise ValueError(f"gates.max_regression must be >= 0, got {self.max_regression}")
+
+
+def check_gates(
+    metrics: Mapping[str, Any],
+    config: GateConfig,
+    production: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Judge a candidate's metrics.
+
+    Args:
+        metrics: the candidate's evaluation (keys ``image_auroc``, ``pro``, ``pixel_auroc``).
+        config: the floors.
+        production: the production bank's metrics on the same evaluation set, if any.
+
+    Returns:
+        ``{"passed": bool, "checks": [...], "failures": [reason, ...]}``; every check has
+        ``name``, ``value``, ``limit`` and ``passed``.
+    """
+    checks: list[dict[str, Any]] = []
+    floors = {
+        "image_auroc": config.image_auroc_min,
+        "pro": config.pro_min,
+        "pixel_auroc": config.pixel_auroc_min,
+    }
+    for key, floor in floors.items():
+        if floor is None:
+            continue
+        value = metrics.get(key)
+        if value is None and key != "image_auroc":
+            continue  # no masks in this evaluation set: nothing to gate on
+        ok = value is not None and value >= floor
+        checks.append({"name": f"{key} >= {floor}", "value": value, "limit": floor, "passed": ok})
+    if production:
+        for key in floors:
+            new, old = metrics.get(key), production.get(key)
+            if new is None or old is None:
+                continue
+            limit = old - config.max_regression
+            checks.append({
+                "name": f"{key} not below production {old:.4f} - {config.max_regression}",
+                "value": new, "limit": limit, "passed": new >= limit,
+            })
+    failures = [
+        f"{c['name']} failed (got {c['value'] if c['value'] is None else round(c['value'], 4)})"
+        for c in checks if not c["passed"]
+    ]
+    return {"passed": not failures, "checks": checks, "failures": failures}
