@@ -1,0 +1,193 @@
+"""Prefect flows: train -> gate -> register -> promote, and retrain when the data changed.
+
+    python -m flows.train                       # train on params.yaml's data, promote on pass
+    python -m flows.train --import elpv:mono    # import a dataset under DVC first
+    python -m flows.train --runner dask         # run tasks on a local Dask cluster
+
+Each task calls one ``pipeline`` function; only the I/O tasks (DVC, packaging) retry.
+Runs without a Prefect server configured (Prefect starts a temporary local one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from pipeline.datasets import Dataset, open_dataset
+from pipeline.importer import import_dataset
+from pipeline.registry import Registry
+from pipeline.steps import (
+    Params,
+    ValidationFailed,
+    coreset_step,
+    dvc_data_hash,
+    evaluate_step,
+    extract_step,
+    gate_step,
+    production_metrics,
+    register_step,
+    validate_step,
+)
+
+
+@task(retries=2, retry_delay_seconds=2)
+def track_data(data_dir: str = "data") -> str | None:
+    """``dvc add`` the data folder (a no-op when unchanged); returns the DVC hash."""
+    subprocess.run([sys.executable, "-m", "dvc", "add", "-q", data_dir], check=True)
+    return dvc_data_hash(f"{data_dir}.dvc")
+
+
+@task
+def validate(dataset: Dataset, params: Params, work: Path) -> str:
+    result = validate_step(dataset, params.validation, work)
+    return result.summary()
+
+
+@task
+def extract(dataset: Dataset, params: Params, work: Path) -> dict[str, Any]:
+    return extract_step(dataset, params, work)
+
+
+@task
+def select(params: Params, work: Path) -> dict[str, Any]:
+    return coreset_step(params, work, params.data)
+
+
+@task
+def evaluate(dataset: Dataset, params: Params, work: Path) -> dict[str, Any]:
+    return evaluate_step(dataset, work, params)
+
+
+@task
+def gate(dataset: Dataset, params: Params, work: Path, registry: Registry) -> dict[str, Any]:
+    return gate_step(work, params, production_metrics(registry, dataset, params))
+
+
+@task(retries=2, retry_delay_seconds=2)
+def package(params: Params, work: Path, registry: Registry, data_hash: str | None,
+            timings: dict[str, float]) -> dict[str, Any]:
+    from serving.store import save_to_store
+
+    outcome = register_step(work, params, registry, data_hash=data_hash, timings=timings)
+    if outcome["status"] == "candidate":
+        outcome["model_tag"] = save_to_store(outcome["bank_dir"], registry.lineage(outcome["bank_id"]))
+        registry.set_fields(outcome["bank_id"], model_tag=outcome["model_tag"])
+    return outcome
+
+
+@task
+def promote(registry: Registry, bank_id: str) -> dict[str, Any]:
+    return registry.promote(bank_id, by="prefect:tracebank-train")
+
+
+def _publish(outcome: dict[str, Any], metrics: dict[str, Any], report: str | None) -> None:
+    rows = [{"metric": k, "value": metrics.get(k)} for k in ("image_auroc", "pixel_auroc", "pro", "n_good", "n_defect")]
+    create_table_artifact(key="metrics", table=rows, description=f"bank {outcome['bank_id']}")
+    gates = outcome["gates"]
+    lines = [f"# bank {outcome['bank_id']}: {outcome['status']}", "", "| check | value | limit | passed |",
+             "|---|---|---|---|"]
+    lines += [f"| {c['name']} | {c['value']} | {c['limit']} | {c['passed']} |" for c in gates["checks"]]
+    if report:
+        lines += ["", f"Report: [{report}](file://{Path(report).resolve()})"]
+    create_markdown_artifact(key="gate-results", markdown="\n".join(lines))
+
+
+@flow(name="tracebank-train", task_runner=ThreadPoolTaskRunner(max_workers=2))
+def train(
+    params_file: str = "params.yaml",
+    work_dir: str = "runs",
+    registry_dir: str = "banks",
+    data_dir: str = "data",
+    auto_promote: bool = True,
+) -> dict[str, Any]:
+    """Validate, fit, evaluate, gate, package and (on pass) promote a bank."""
+    params = Params.load(params_file)
+    work, registry = Path(work_dir), Registry(registry_dir)
+    data_hash = track_data(data_dir) if Path(data_dir).is_dir() else None
+    dataset = open_dataset(params.data)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    validate(dataset, params, work)
+    timings["validate_s"] = time.perf_counter() - start
+    timings["extract_s"] = extract(dataset, params, work)["seconds"]
+    timings["coreset_s"] = select(params, work)["seconds"]
+    metrics = evaluate(dataset, params, work)
+    timings["evaluate_s"] = metrics["seconds"]
+    gate(dataset, params, work, registry)
+    outcome = package(params, work, registry, data_hash, timings)
+    report = json.loads((work / "evaluation.json").read_text()).get("report")
+    _publish(outcome, metrics, report)
+    if outcome["status"] == "candidate" and auto_promote:
+        outcome["promotion"] = promote(registry, outcome["bank_id"])
+        outcome["status"] = "production"
+    outcome["report"] = report
+    outcome["data_hash"] = data_hash
+    return outcome
+
+
+@flow(name="tracebank-retrain-if-changed")
+def retrain_if_changed(
+    params_file: str = "params.yaml", work_dir: str = "runs", registry_dir: str = "banks", data_dir: str = "data"
+) -> dict[str, Any]:
+    """Retrain when the nominal data's DVC hash differs from the production bank's."""
+    registry = Registry(registry_dir)
+    data_hash = track_data(data_dir)
+    pointer = registry.production()
+    if pointer is not None and registry.lineage("production").get("data_hash") == data_hash:
+        return {"retrained": False, "data_hash": data_hash, "production": pointer["bank_id"]}
+    outcome = train(params_file, work_dir, registry_dir, data_dir, auto_promote=True)
+    outcome["retrained"] = True
+    return outcome
+
+
+def with_runner(kind: str, workers: int = 2) -> Any:
+    """The training flow on the chosen task runner: ``thread`` or ``dask`` (a local
+    cluster with ``workers`` processes; point ``address`` at a real cluster, see README)."""
+    if kind == "thread":
+        return train
+    if kind == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        return train.with_options(task_runner=DaskTaskRunner(cluster_kwargs={"n_workers": workers,
+                                                                             "threads_per_worker": 1}))
+    raise ValueError(f"runner must be 'thread' or 'dask', got {kind!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--import", dest="source", help="dataset spec to import into data/ first")
+    parser.add_argument("--limit-train", type=int, help="import only N training images")
+    parser.add_argument("--limit-test", type=int, help="import only N test images")
+    parser.add_argument("--runner", default="thread", choices=["thread", "dask"])
+    parser.add_argument("--no-promote", action="store_true")
+    parser.add_argument("--serve", metavar="CRON", help="serve the retrain flow on this cron schedule")
+    args = parser.parse_args(argv)
+    if args.serve:
+        retrain_if_changed.serve(name="nightly-retrain", cron=args.serve)
+        return 0
+    if args.source:
+        import_dataset(args.source, "data", n_train=args.limit_train, n_test=args.limit_test)
+    try:
+        outcome = with_runner(args.runner)(auto_promote=not args.no_promote)
+    except ValidationFailed as exc:
+        print(f"stopped before training: {exc}", file=sys.stderr)
+        return 1
+    print(f"bank {outcome['bank_id']}: {outcome['status']}")
+    print(f"  bank:   {outcome['bank_dir']}")
+    print(f"  report: {outcome['report']}")
+    for failure in outcome["gates"]["failures"]:
+        print(f"  gate failed: {failure}")
+    return 0 if outcome["status"] in ("production", "candidate") else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""The training run as steps over a work directory: validate, extract, coreset, evaluate,
+gate, register. ``dvc.yaml`` (through ``flows/dvc_stage.py``) and the Prefect flow call
+these same functions with the same settings from ``params.yaml``.
+
+Work directory (``runs/`` by default)::
+
+    validate/validation.json, gx/.../index.html   data checks and their Data Docs
+    features/features.npy, features.json          streamed patch features of the nominal set
+    candidate/                                    the fitted bank (no metrics yet)
+    evaluation.json, metrics.json, plots/*.csv    metrics, threshold and curves
+    report/report.html                            curves and worst-case heatmaps
+    gate.json                                     gate results against floors and production
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .bank import read_manifest, update_manifest
+from .config import CoresetConfig, FeatureConfig, ScoringConfig, from_mapping, to_dict
+from .datasets import Dataset, open_dataset
+from .evaluation import evaluate
+from .features import FeatureExtractor
+from .gates import GateConfig, check_gates
+from .model import PatchCore
+from .registry import Registry, write_json_atomic
+from .stages import FeatureStore, extract_features, training_record
+from .validation import ValidationConfig, ValidationResult, validate_samples
+
+
+class ValidationFailed(RuntimeError):
+    """The data did not pass validation; no training was done."""
+
+    def __init__(self, result: ValidationResult) -> None:
+        super().__init__(result.summary())
+        self.result = result
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    """All settings of a run, one frozen section each, from ``params.yaml``."""
+
+    data: str
+    features: FeatureConfig
+    coreset: CoresetConfig
+    scoring: ScoringConfig
+    gates: GateConfig
+    validation: ValidationConfig
+    batch_size: int = 8
+
+    @classmethod
+    def load(cls, path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+        path = Path(path)
+        raw = yaml.safe_load(path.read_text()) or {}
+        raw.update(overrides or {})
+        known = {"data", "features", "coreset", "scoring", "gates", "validation", "batch_size"}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            from .config import ConfigError
+
+            raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(
+            data=str(raw.get("data", "mvtec:data")),
+            features=from_mapping(FeatureConfig, f"{path}: features", raw.get("features")),
+            coreset=from_mapping(CoresetConfig, f"{path}: coreset", raw.get("coreset")),
+            scoring=from_mapping(ScoringConfig, f"{path}: scoring", raw.get("scoring")),
+            gates=from_mapping(GateConfig, f"{path}: gates", raw.get("gates")),
+            validation=from_mapping(ValidationConfig, f"{path}: validation", raw.get("validation")),
+            batch_size=int(raw.get("batch_size", 8)),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "data": self.data,
+            "features": to_dict(self.features),
+            "coreset": to_dict(self.coreset),
+            "scoring": to_dict(self.scoring),
+            "gates": dataclasses.asdict(self.gates),
+            "validation": dataclasses.asdict(self.validation),
+            "batch_size": self.batch_size,
+        }
+
+
+def validate_step(dataset: Dataset, config: ValidationConfig, work: Path) -> ValidationResult:
+    """Check the images; raises :class:`ValidationFailed` (after writing the report)."""
+    result = validate_samples(dataset.train, dataset.test, config, work / "validate")
+    if not result.success:
+        raise ValidationFailed(result)
+    return result
+
+
+def extract_step(dataset: Dataset, params: Params, work: Path, on_batch: Any = None) -> dict[str, Any]:
+    start = time.perf_counter()
+    target = work / "features"
+    shutil.rmtree(target, ignore_errors=True)
+    store = extract_features(dataset.train, FeatureExtractor(params.features), target,
+                             batch_size=params.batch_size, on_batch=on_batch)
+    return {"rows": store.rows, "n_images": len(store.files), "skipped": store.skipped,
+            "seconds": time.perf_counter() - start}
+
+
+def coreset_step(params: Params, work: Path, spec: str, on_centres: Any = None) -> dict[str, Any]:
+    """Select the memory bank from the stored features and save it as ``work/candidate``."""
+    from .bank import save_bank
+
+    start = time.perf_counter()
+    store = FeatureStore.open(work / "features")
+    model = PatchCore(params.features, params.coreset, params.scoring)
+    model.fit_features(store.array(), on_centres=on_centres)
+    target = work / "candidate"
+    shutil.rmtree(target, ignore_errors=True)
+    manifest = save_bank(target, model, training=training_record(spec, store))
+    return {"bank_id": manifest["bank_id"], "bank_size": manifest["bank_size"],
+            "seconds": time.perf_counter() - start}
+
+
+def evaluate_step(dataset: Dataset, work: Path, params: Params, on_batch: Any = None) -> dict[str, Any]:
+    """Metrics, threshold, curves and the HTML report of the candidate bank."""
+    from .bank import load_bank
+    from .report import write_report
+
+    start = time.perf_counter()
+    model, manifest = load_bank(work / "candidate")
+    result = evaluate(model, dataset.test, batch_size=params.batch_size, keep_maps=True, on_batch=on_batch)
+    metrics = dict(result.metrics)
+    metrics["seconds"] = time.perf_counter() - start
+    report = write_report(result, work / "report", title=f"bank {manifest['bank_id']} on {dataset.spec}",
+                          threshold=metrics.get("threshold"), curves_dir=work / "plots")
+    write_json_atomic(work / "evaluation.json", {"bank_id": manifest["bank_id"], "metrics": metrics,
+                                                 "report": str(report)})
+    write_json_atomic(work / "metrics.json", {k: metrics.get(k) for k in
+                                              ("image_auroc", "pixel_auroc", "pro", "n_good", "n_defect", "f1")})
+    return metrics
+
+
+def production_metrics(registry: Registry, dataset: Dataset, params: Params) -> dict[str, Any] | None:
+    """Metrics of the production bank on the same evaluation set (re-evaluated, so the
+    comparison is on identical images), or None when there is no production bank."""
+    from .bank import load_bank
+
+    pointer = registry.production()
+    if pointer is None:
+        return None
+    model, _ = load_bank(registry.bank_dir("production"))
+    return evaluate(model, dataset.test, batch_size=params.batch_size, keep_maps=True).metrics
+
+
+def gate_step(work: Path, params: Params, production: dict[str, Any] | None) -> dict[str, Any]:
+    evaluation = json.loads((work / "evaluation.json").read_text())
+    result = check_gates(evaluation["metrics"], params.gates, production)
+    result["production_metrics"] = production
+    write_json_atomic(work / "gate.json", result)
+    return result
+
+
+def git_state(root: str | Path = ".") -> dict[str, Any]:
+    """Commit of the code that made a bank and whether the tree had uncommitted changes."""
+    def run(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+
+    commit = run("rev-parse", "HEAD")
+    dirty = bool(run("status", "--porcelain", "--untracked-files=no")) if commit else None
+    return {"git_commit": commit or None, "git_dirty": dirty}
+
+
+def dvc_data_hash(dvc_file: str | Path = "data.dvc") -> str | None:
+    """The md5 DVC records for the tracked data (``outs[0].md5`` of ``data.dvc``)."""
+    path = Path(dvc_file)
+    if not path.is_file():
+        return None
+    outs = (yaml.safe_load(path.read_text()) or {}).get("outs") or []
+    return outs[0].get("md5") if outs else None
+
+
+def register_step(
+    work: Path, params: Params, registry: Registry, *, data_hash: str | None, timings: dict[str, float] | None = None
+) -> dict[str, Any]:
+    """Finalise the candidate (metrics + threshold in its manifest) and add it to the
+    registry as ``candidate`` (gates passed) or ``rejected`` (with the reasons)."""
+    evaluation = json.loads((work / "evaluation.json").read_text())
+    gate = json.loads((work / "gate.json").read_text())
+    metrics = evaluation["metrics"]
+    staging = work / "package"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(work / "candidate", staging)
+    threshold = None
+    if metrics.get("threshold") is not None:
+        threshold = {"value": metrics["threshold"], "method": metrics["threshold_method"], "evaluated_on": params.data}
+    manifest = update_manifest(staging, metrics=metrics, threshold=threshold)
+    lineage = {
+        "data_hash": data_hash,
+        "data_spec": params.data,
+        "files": manifest["training"]["files"],
+        "eval_files": len(open_dataset(params.data).test),
+        **git_state(),
+        "params": params.as_dict(),
+        "metrics": {k: metrics.get(k) for k in ("image_auroc", "pixel_auroc", "pro", "n_good", "n_defect", "f1")},
+        "threshold": threshold,
+        "gates": gate,
+        "timings": timings or {},
+        "report": evaluation.get("report"),
+        "status": "candidate" if gate["passed"] else "rejected",
+        "promoted_at": None,
+    }
+    bank_id = registry.register(staging, lineage)
+    return {"bank_id": bank_id, "status": lineage["status"], "gates": gate, "bank_dir": str(registry.root / bank_id)}
