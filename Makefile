@@ -6,6 +6,8 @@ STAMP := $(VENV)/.installed
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export DO_NOT_TRACK ?= 1
 
 .PHONY: run test setup bench lint clean
 
@@ -18,10 +20,8 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 run: $(STAMP)
-	rm -rf runs/elpv-mono
-	$(VENV)/bin/tracebank fit --data elpv:mono --out runs/elpv-mono/bank
-	$(VENV)/bin/tracebank evaluate runs/elpv-mono/bank --data elpv:mono
-	$(VENV)/bin/tracebank predict runs/elpv-mono/bank --data elpv:mono --count 6 --out runs/elpv-mono/heatmaps
+	$(VENV)/bin/tracebank import elpv:mono
+	$(PY) -m flows.train
 
 test: $(STAMP)
 	$(PY) -m pytest -q

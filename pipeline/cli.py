@@ -26,6 +26,7 @@ from .datasets import DatasetError, open_dataset
 from .evaluation import evaluate
 from .images import ImageError, read_image
 from .overlay import heatmap_overlay
+from .registry import RegistryError
 from .stages import FeatureStore, extract_features, training_record
 
 #: Exit status for errors in what the user asked (not bugs).
@@ -188,7 +189,60 @@ def _predict(args: argparse.Namespace) -> dict[str, Any]:
     return {"bank_id": manifest["bank_id"], "threshold": threshold, "results": results}
 
 
+@command("import")
+def _import(args: argparse.Namespace) -> dict[str, Any]:
+    import subprocess
+
+    from .importer import import_dataset
+
+    dataset = import_dataset(args.spec, args.root, n_train=args.limit_train, n_test=args.limit_test)
+    proc = subprocess.run([sys.executable, "-m", "dvc", "add", "-q", args.root], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ValueError(f"dvc add {args.root} failed: {proc.stderr.strip() or proc.stdout.strip()}")
+    from .steps import dvc_data_hash
+
+    return {"root": args.root, "n_train": len(dataset.train), "n_test": len(dataset.test),
+            "data_hash": dvc_data_hash(f"{args.root}.dvc")}
+
+
+@command("banks")
+def _banks(args: argparse.Namespace) -> dict[str, Any]:
+    from .registry import Registry
+
+    registry = Registry(args.registry)
+    return {"production": (registry.production() or {}).get("bank_id"), "banks": registry.list()}
+
+
+@command("lineage")
+def _lineage(args: argparse.Namespace) -> dict[str, Any]:
+    from .registry import Registry
+
+    return Registry(args.registry).lineage(args.bank)
+
+
+@command("promote")
+def _promote(args: argparse.Namespace) -> dict[str, Any]:
+    from .registry import Registry
+
+    return Registry(args.registry).promote(args.bank)
+
+
+@command("rollback")
+def _rollback(args: argparse.Namespace) -> dict[str, Any]:
+    from .registry import Registry
+
+    return Registry(args.registry).rollback()
+
+
 def _print_human(name: str, result: dict[str, Any]) -> None:
+    if name == "banks":
+        for row in result["banks"]:
+            auroc = "-" if row["image_auroc"] is None else f"{row['image_auroc']:.3f}"
+            print(f"{row['bank_id']}  {row['status']:10s}  {row['created_at']}  image_auroc {auroc}")
+        return
+    if name in ("lineage", "promote", "rollback", "import"):
+        print(json.dumps(result, indent=2, default=_json_default))
+        return
     if name == "predict":
         for item in result["results"]:
             if "error" in item:
@@ -252,6 +306,21 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--count", type=int, default=6, help="how many test images with --data (half defective)")
     pr.add_argument("--out", default="out/heatmaps", help="folder for overlays")
     common(pr)
+
+    im = sub.add_parser("import", help="copy a dataset into the DVC-tracked data folder and dvc add it")
+    im.add_argument("spec")
+    im.add_argument("--root", default="data")
+    im.add_argument("--limit-train", type=int)
+    im.add_argument("--limit-test", type=int)
+    im.add_argument("--json", action="store_true")
+    for name, text in (("banks", "list banks with their status"), ("lineage", "lineage record of a bank"),
+                       ("promote", "make a bank that passed its gates the production bank"),
+                       ("rollback", "return to the previous production bank")):
+        p = sub.add_parser(name, help=text)
+        if name in ("lineage", "promote"):
+            p.add_argument("bank", help="bank id, unique prefix, or 'production'")
+        p.add_argument("--registry", default="banks")
+        p.add_argument("--json", action="store_true")
     return parser
 
 
@@ -267,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = COMMANDS[args.command](args)
-    except (DatasetError, BankError, ConfigError, ImageError, FileNotFoundError, ValueError) as exc:
+    except (DatasetError, BankError, ConfigError, ImageError, FileNotFoundError, ValueError, RegistryError) as exc:
         if getattr(args, "json", False):
             print(json.dumps({"error": str(exc)}))
         else:

@@ -49,7 +49,7 @@ def greedy_coreset(
     seed: int = 0,
     proj_dim: int = 128,
     shard_size: int = 8192,
-    oversample: float = 4.0,
+    oversample: float = 8.0,
     progress: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """Indices of a greedy k-center coreset, selected in two composable stages.

@@ -50,6 +50,10 @@ def write_report(result: Evaluation, out_dir: str | Path, *, title: str, thresho
     curves.mkdir(parents=True, exist_ok=True)
     labels, scores = result.labels, result.scores
     figures: list[str] = []
+    # Header-only curves where a curve is undefined (one class only, no masks), so the
+    # files DVC tracks as plots always exist.
+    (curves / "roc.csv").write_text("fpr,tpr\n")
+    (curves / "pro.csv").write_text("fpr,pro\n")
     if (labels == 0).any() and (labels == 1).any():
         fpr, tpr = roc_points(labels, scores)
         _write_curve(curves / "roc.csv", fpr, tpr, ("fpr", "tpr"))

@@ -1,0 +1,173 @@
+"""The training pipeline, started as a user starts it: `dvc repro` and the Prefect flow, in a
+scratch project directory (its own git repo, DVC repo, registry and BentoML store)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+BIN = Path(sys.executable).parent
+
+
+def _env(project: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
+    env["BENTOML_HOME"] = str(project / ".bentoml")
+    env["PREFECT_HOME"] = str(project / ".prefect")
+    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    env["DO_NOT_TRACK"] = "1"
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+def run(project: Path, *args: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
+    proc = subprocess.run(list(args), cwd=project, env=_env(project), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def make_project(root: Path, *, gates: dict | None = None) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(REPO / name, root / name)
+    for package in ("pipeline", "flows", "serving"):  # the code the stages depend on
+        shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["coreset"]["ratio"] = 0.05
+    params["gates"].update(gates or {"image_auroc_min": 0.5})
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    run(root, "git", "init", "-q")
+    run(root, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "init")
+    run(root, str(BIN / "dvc"), "init", "-q")
+    run(root, str(BIN / "dvc"), "config", "core.analytics", "false")
+    run(root, str(BIN / "tracebank"), "import", "elpv:mono", "--limit-train", "24", "--limit-test", "24")
+    return root
+
+
+def production(project: Path) -> str | None:
+    pointer = project / "banks" / "PRODUCTION.json"
+    return json.loads(pointer.read_text())["bank_id"] if pointer.is_file() else None
+
+
+@pytest.fixture(scope="module")
+def flow_project(tmp_path_factory):
+    """A project whose production bank was made by the Prefect flow."""
+    project = make_project(tmp_path_factory.mktemp("flow"))
+    proc = run(project, sys.executable, "-m", "flows.train")
+    return project, proc
+
+
+def test_prefect_flow_trains_gates_packages_and_promotes(flow_project):
+    project, proc = flow_project
+    bank = production(project)
+    assert bank and f"bank {bank}: production" in proc.stdout
+    lineage = json.loads(run(project, str(BIN / "tracebank"), "lineage", "production", "--json").stdout)
+    for key in ("bank_id", "data_hash", "files", "git_commit", "params", "metrics", "gates", "status", "promoted_at"):
+        assert key in lineage, key
+    assert lineage["status"] == "production" and lineage["gates"]["passed"]
+    assert len(lineage["files"]) == 24 and lineage["git_commit"]
+    assert (project / "runs" / "report" / "report.html").is_file()
+    stored = json.loads(run(project, str(BIN / "bentoml"), "models", "list", "-o", "json").stdout)
+    assert any(m["tag"].startswith("tracebank-bank:") for m in stored)
+
+
+def test_lineage_names_the_data_hash_dvc_reports(flow_project):
+    project, _ = flow_project
+    dvc_file = yaml.safe_load((project / "data.dvc").read_text())
+    lineage = json.loads(run(project, str(BIN / "tracebank"), "lineage", "production", "--json").stdout)
+    assert lineage["data_hash"] == dvc_file["outs"][0]["md5"]
+    status = run(project, str(BIN / "dvc"), "data", "status", "--json").stdout
+    assert "data" not in json.loads(status or "{}").get("uncommitted", {}).get("modified", [])
+
+
+def test_gate_failure_leaves_production_unchanged(flow_project):
+    project, _ = flow_project
+    before = production(project)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    strict = dict(params, gates=dict(params["gates"], image_auroc_min=0.999))
+    (project / "params-strict.yaml").write_text(yaml.safe_dump(strict))
+    code = (
+        "from flows.train import train; import json; "
+        "print(json.dumps(train(params_file='params-strict.yaml', work_dir='runs-strict')))"
+    )
+    outcome = json.loads(run(project, sys.executable, "-c", code).stdout.strip().splitlines()[-1])
+    assert outcome["status"] == "rejected" and outcome["gates"]["failures"]
+    assert production(project) == before
+    refused = run(project, str(BIN / "tracebank"), "promote", outcome["bank_id"], check=False)
+    assert refused.returncode == 2 and "cannot be promoted" in refused.stderr
+    assert production(project) == before
+
+
+def test_interrupted_promotion_keeps_a_complete_production_bank(flow_project):
+    project, _ = flow_project
+    banks = [b["bank_id"] for b in json.loads(
+        run(project, str(BIN / "tracebank"), "banks", "--json").stdout)["banks"] if b["status"] != "rejected"]
+    target = banks[0]
+    for delay in (0.05, 0.2, 0.4, 0.6, 0.8, 1.0, 1.5):
+        proc = subprocess.Popen([str(BIN / "tracebank"), "promote", target], cwd=project, env=_env(project),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        pointer = json.loads((project / "banks" / "PRODUCTION.json").read_text())
+        from pipeline.bank import read_manifest
+
+        read_manifest(project / "banks" / pointer["bank_id"])  # complete and hash-valid
+    assert json.loads((project / "banks" / "PRODUCTION.json").read_text())["bank_id"] in banks
+
+
+def test_validation_stops_broken_data_before_training(tmp_path):
+    project = make_project(tmp_path / "broken")
+    (project / "data" / "train" / "good" / "99999_empty.png").write_bytes(b"")
+    shutil.copy(next((project / "data" / "train" / "good").glob("00000_*")),
+                project / "data" / "train" / "good" / "99998_copy.png")
+    proc = run(project, sys.executable, "-m", "flows.train", check=False)
+    assert proc.returncode == 1
+    assert "99999_empty.png" in proc.stderr and "99998_copy.png" in proc.stderr
+    assert not (project / "banks").exists() or not any((project / "banks").iterdir())
+    assert not (project / "runs" / "features").exists()
+    assert list((project / "runs" / "validate").glob("**/index.html"))  # Data Docs written
+
+
+def test_dvc_repro_end_to_end_then_nothing_to_do(tmp_path):
+    project = make_project(tmp_path / "dvc")
+    first = run(project, str(BIN / "dvc"), "repro")
+    assert "Running stage 'package'" in first.stdout
+    metrics = json.loads(run(project, str(BIN / "dvc"), "metrics", "show", "--json").stdout)
+    values = next(iter(metrics.values()))["data"]["runs/metrics.json"]["data"]
+    assert 0.5 <= values["image_auroc"] <= 1.0
+    package = json.loads((project / "runs" / "package.json").read_text())
+    assert package["status"] == "candidate" and (project / "banks" / package["bank_id"]).is_dir()
+    second = run(project, str(BIN / "dvc"), "repro")
+    assert "Running stage" not in second.stdout
+    plots = run(project, str(BIN / "dvc"), "plots", "show", "-o", "plots-html")
+    assert (project / "plots-html" / "index.html").is_file(), plots.stdout
+
+
+def test_new_nominal_images_trigger_a_retrain_that_is_promoted(flow_project, elpv_mono):
+    project, _ = flow_project
+    code = "from flows.train import retrain_if_changed; import json; print(json.dumps(retrain_if_changed()))"
+    unchanged = json.loads(run(project, sys.executable, "-c", code).stdout.strip().splitlines()[-1])
+    assert unchanged["retrained"] is False
+    before = production(project)
+    from pipeline.importer import add_nominal
+
+    add_nominal([s.path for s in elpv_mono.train[100:106]], project / "data")
+    outcome = json.loads(run(project, sys.executable, "-c", code).stdout.strip().splitlines()[-1])
+    assert outcome["retrained"] is True and outcome["status"] == "production"
+    assert production(project) == outcome["bank_id"] != before
+    lineage = json.loads(run(project, str(BIN / "tracebank"), "lineage", "production", "--json").stdout)
+    assert len(lineage["files"]) == 30
+    assert lineage["data_hash"] == yaml.safe_load((project / "data.dvc").read_text())["outs"][0]["md5"]
