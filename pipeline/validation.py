@@ -140,7 +140,10 @@ def run_suite(table: pd.DataFrame, config: ValidationConfig, out_dir: str | Path
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
     context = gx.get_context(mode="file", project_root_dir=str(out_dir))
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
     name = "tracebank_images"
     for existing in list(context.checkpoints.all()):
         context.checkpoints.delete(existing.name)
