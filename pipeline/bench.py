@@ -88,6 +88,31 @@ def run_one(spec: str, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def coreset_comparison(spec: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Naive greedy against the two-stage coreset on the same stored features."""
+    import tempfile
+
+    from .config import FeatureConfig
+    from .coreset import covering_radius, greedy_coreset, greedy_coreset_naive
+    from .datasets import open_dataset
+    from .features import FeatureExtractor
+    from .stages import extract_features
+
+    with tempfile.TemporaryDirectory() as tmp:
+        features = FeatureConfig(image_size=args.size, resize=args.resize, levels=tuple(args.levels))
+        store = extract_features(open_dataset(spec).train, FeatureExtractor(features), tmp)
+        x = store.array()
+        row: dict[str, Any] = {"dataset": spec, "patches": int(len(x)), "ratio": args.ratio}
+        for name, func in (("two_stage", greedy_coreset), ("naive", greedy_coreset_naive)):
+            start = time.perf_counter()
+            idx = func(x, args.ratio)
+            row[f"{name}_s"] = time.perf_counter() - start
+            row[f"{name}_radius"] = covering_radius(x, np.asarray(x[np.sort(idx)], np.float32))
+        row["speedup"] = row["naive_s"] / row["two_stage_s"]
+        row["radius_ratio"] = row["two_stage_radius"] / row["naive_radius"]
+        return row
+
+
 def _format(row: dict[str, Any]) -> list[str]:
     return ["-" if row.get(k) is None else fmt.format(row[k]) for k, fmt in COLUMNS]
 
@@ -110,7 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--neighbors", type=int, default=9)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--coreset", action="store_true", help="compare naive and two-stage coreset on MTD")
     args = parser.parse_args(argv)
+    if args.coreset:
+        print(json.dumps(coreset_comparison((args.data or [DEFAULT_DATASETS[0]])[0], args), indent=1))
+        return 0
     if args.one:
         print(json.dumps(run_one(args.one, args)))
         return 0

@@ -200,9 +200,12 @@ def load_images(
         yield sample, image, mask
 
 
-def batched(items: Iterator[tuple[Sample, np.ndarray, np.ndarray | None]], size: int) -> Iterator[list[tuple[Sample, np.ndarray, np.ndarray | None]]]:
+Loaded = tuple[Sample, np.ndarray, np.ndarray | None]
+
+
+def batched(items: Iterator[Loaded], size: int) -> Iterator[list[Loaded]]:
     """Group an iterator into lists of ``size`` (the last may be shorter)."""
-    batch: list[tuple[Sample, np.ndarray, np.ndarray | None]] = []
+    batch: list[Loaded] = []
     for item in items:
         batch.append(item)
         if len(batch) == size:

@@ -60,7 +60,9 @@ class PatchCore:
         self.scoring = scoring or ScoringConfig()
         self.extractor = extractor or FeatureExtractor(self.features)
 
-    def extract(self, batches: Iterable[Sequence[np.ndarray]], on_batch: Callable[[int], None] | None = None) -> np.ndarray:
+    def extract(
+        self, batches: Iterable[Sequence[np.ndarray]], on_batch: Callable[[int], None] | None = None
+    ) -> np.ndarray:
         """Patch features of all images, stacked: ``(N_images * h * w, D)`` float32."""
         chunks: list[np.ndarray] = []
         for batch in batches:

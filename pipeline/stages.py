@@ -16,10 +16,8 @@ from typing import Any
 import numpy as np
 
 from .backbone import sha256_file
-from .config import CoresetConfig, FeatureConfig, ScoringConfig
 from .datasets import LoadReport, Sample, batched, load_images
 from .features import FeatureExtractor
-from .model import PatchCore
 
 FEATURES_FILE = "features.npy"
 FEATURES_META = "features.json"
@@ -105,13 +103,6 @@ def extract_features(
     meta = {"rows": row, "dim": extractor.dim, "dtype": dtype, "files": files, "skipped": skipped}
     (directory / FEATURES_META).write_text(json.dumps(meta, indent=1) + "\n")
     return FeatureStore(directory, row, files, skipped)
-
-
-def build_model(
-    features: FeatureConfig, coreset: CoresetConfig, scoring: ScoringConfig
-) -> PatchCore:
-    """An unfitted model (loads the backbone)."""
-    return PatchCore(features, coreset, scoring)
 
 
 def training_record(spec: str, store: FeatureStore, extra: dict[str, Any] | None = None) -> dict[str, Any]:

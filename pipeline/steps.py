@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from .bank import read_manifest, update_manifest
+from .bank import update_manifest
 from .config import CoresetConfig, FeatureConfig, ScoringConfig, from_mapping, to_dict
 from .datasets import Dataset, open_dataset
 from .evaluation import evaluate

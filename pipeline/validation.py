@@ -153,7 +153,8 @@ def run_suite(table: pd.DataFrame, config: ValidationConfig, out_dir: str | Path
         context.suites.delete(existing.name)
     if name in [ds.name for ds in context.data_sources.all().values()]:
         context.data_sources.delete(name)
-    batch = context.data_sources.add_pandas(name).add_dataframe_asset("metadata").add_batch_definition_whole_dataframe("all")
+    asset = context.data_sources.add_pandas(name).add_dataframe_asset("metadata")
+    batch = asset.add_batch_definition_whole_dataframe("all")
     suite = context.suites.add(gx.ExpectationSuite(name=name))
     for expectation in _expectations(config):
         suite.add_expectation(expectation)

@@ -34,7 +34,9 @@ def _env(project: Path) -> dict[str, str]:
 def run(project: Path, *args: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
     proc = subprocess.run(list(args), cwd=project, env=_env(project), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise AssertionError(
+            f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
     return proc
 
 

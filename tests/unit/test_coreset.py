@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pipeline.coreset import covering_radius, coreset_size, greedy_coreset, greedy_coreset_naive
+from pipeline.coreset import coreset_size, covering_radius, greedy_coreset, greedy_coreset_naive
 
 
 def _clustered(n: int, dim: int = 32, seed: int = 0) -> np.ndarray:

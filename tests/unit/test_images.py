@@ -54,7 +54,8 @@ def test_decompression_bomb_refused_before_decoding():
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
 
     header = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 0, 0, 0, 0)
-    data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b"")
+    body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b"")
+    data = b"\x89PNG\r\n\x1a\n" + body
     with pytest.raises(ImageError, match="over the limit|not a readable image"):
         decode_image(data, source="bomb.png")
 
