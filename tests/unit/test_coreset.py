@@ -45,10 +45,14 @@ def test_naive_matches_brute_force_greedy():
     assert got.tolist() == _brute_force_greedy(x.astype(np.float64), len(got), first)
 
 
-def test_two_stage_radius_close_to_naive():
-    x = _clustered(40000, dim=48)
-    fast = greedy_coreset(x, 0.01, shard_size=4000, proj_dim=48)
-    slow = greedy_coreset_naive(x, 0.01, proj_dim=48)
+def test_two_stage_radius_close_to_naive_on_real_patches(mtd_dataset, extractor):
+    from pipeline.datasets import load_images
+
+    images = [img for _, img, _ in load_images(mtd_dataset.train[:40])]
+    feats, _ = extractor(images)  # (40, 28, 28, 152)
+    x = feats.reshape(-1, feats.shape[-1]).numpy()  # 31,360 real patch features
+    fast = greedy_coreset(x, 0.01, shard_size=2048)
+    slow = greedy_coreset_naive(x, 0.01)
     r_fast = covering_radius(x, x[fast])
     r_slow = covering_radius(x, x[slow])
     assert r_fast <= 1.05 * r_slow
