@@ -124,7 +124,7 @@ def save_bank(
         manifest["versions"] = _versions()
         manifest["metrics"] = dict(metrics) if metrics else None
         manifest["threshold"] = dict(threshold) if threshold else None
-        _write_json(staging / MANIFEST, manifest)
+        write_json_atomic(staging / MANIFEST, manifest)
         os.replace(staging, directory)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -132,14 +132,20 @@ def save_bank(
     return manifest
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to ``path`` so that readers see the old or the new file, never a mix."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as handle:
         json.dump(obj, handle, indent=2, sort_keys=True)
         handle.write("\n")
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def read_manifest(directory: str | Path, *, verify: bool = True) -> dict[str, Any]:
@@ -181,7 +187,7 @@ def update_manifest(directory: str | Path, **fields: Any) -> dict[str, Any]:
         raise BankError(f"cannot change identity field(s) {sorted(bad)} of an existing bank")
     manifest = read_manifest(directory)
     manifest.update(fields)
-    _write_json(Path(directory) / MANIFEST, manifest)
+    write_json_atomic(Path(directory) / MANIFEST, manifest)
     return manifest
 
 
