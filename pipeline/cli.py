@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -20,6 +21,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from .audit import AuditError
 from .bank import BankError, load_bank, save_bank
 from .config import ConfigError, CoresetConfig, FeatureConfig, ScoringConfig, from_mapping
 from .datasets import DatasetError, open_dataset
@@ -234,6 +236,65 @@ def _rollback(args: argparse.Namespace) -> dict[str, Any]:
     return Registry(args.registry).rollback()
 
 
+AUDIT_FIELDS = ("time", "request_id", "part_id", "bank_id", "score", "decision", "threshold",
+                "input_sha256", "width", "height", "latency_ms")
+LINEAGE_FIELDS = ("status", "data_hash", "data_spec", "git_commit", "created_at", "promoted_at", "model_tag")
+
+
+@command("audit")
+def _audit(args: argparse.Namespace) -> dict[str, Any]:
+    """Decisions from the audit database, each joined to its bank's lineage."""
+    import csv
+    import datetime as dt
+
+    from .audit import AuditLog
+    from .registry import Registry
+
+    since = None
+    if args.since:
+        try:
+            since = dt.datetime.fromisoformat(args.since)
+        except ValueError as exc:
+            raise ValueError(f"--since {args.since!r} is not an ISO date or time (e.g. 2026-11-25T08:00)") from exc
+        if since.tzinfo is None:
+            since = since.replace(tzinfo=dt.UTC)
+    if "://" not in args.db and not Path(args.db).is_file():
+        raise FileNotFoundError(
+            f"audit database {args.db} does not exist; pass --db (the service's TRACEBANK_AUDIT_DB)"
+        )
+    log = AuditLog(args.db)
+    registry = Registry(args.registry)
+    lineages: dict[str, dict[str, Any]] = {}
+
+    def lineage(bank_id: str) -> dict[str, Any]:
+        if bank_id not in lineages:
+            try:
+                record = registry.lineage(bank_id)
+                lineages[bank_id] = {k: record.get(k) for k in LINEAGE_FIELDS} | {"metrics": record.get("metrics")}
+            except RegistryError:
+                lineages[bank_id] = {"status": "not in registry " + str(args.registry)}
+        return lineages[bank_id]
+
+    rows = log.query(part_id=args.part, bank_id=args.bank, since=since, limit=args.limit)
+    count = 0
+    if args.json:
+        for decision in rows:
+            print(json.dumps(decision.as_json() | {"lineage": lineage(decision.bank_id)}, default=_json_default))
+            count += 1
+    else:
+        writer = csv.writer(sys.stdout)
+        writer.writerow([*AUDIT_FIELDS, *(f"bank_{k}" for k in LINEAGE_FIELDS)])
+        for decision in rows:
+            row = decision.as_json()
+            info = lineage(decision.bank_id)
+            writer.writerow([row[k] for k in AUDIT_FIELDS] + [info.get(k) for k in LINEAGE_FIELDS])
+            count += 1
+    log.dispose()
+    if count == 0:
+        print("tracebank audit: no decisions match", file=sys.stderr)
+    return {}
+
+
 def _print_human(name: str, result: dict[str, Any]) -> None:
     if name == "banks":
         for row in result["banks"]:
@@ -321,6 +382,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("bank", help="bank id, unique prefix, or 'production'")
         p.add_argument("--registry", default="banks")
         p.add_argument("--json", action="store_true")
+    au = sub.add_parser("audit", help="which bank decided what: decisions joined to bank lineage (CSV or JSON lines)")
+    au.add_argument("--part", help="only this part id")
+    au.add_argument("--bank", help="only this bank id (or prefix)")
+    au.add_argument("--since", help="only decisions at or after this ISO time (UTC unless an offset is given)")
+    au.add_argument("--limit", type=int)
+    au.add_argument("--db", default="audit/decisions.sqlite", help="SQLite path or SQLAlchemy URL")
+    au.add_argument("--registry", default="banks")
+    au.add_argument("--json", action="store_true", help="one JSON object per decision (JSON lines)")
     return parser
 
 
@@ -336,12 +405,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = COMMANDS[args.command](args)
-    except (DatasetError, BankError, ConfigError, ImageError, FileNotFoundError, ValueError, RegistryError) as exc:
+    except BrokenPipeError:  # `tracebank audit | head`: the reader has what it wanted
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silences the flush at exit
+        return 0
+    except (DatasetError, BankError, ConfigError, ImageError, FileNotFoundError, ValueError, RegistryError,
+            AuditError) as exc:
         if getattr(args, "json", False):
             print(json.dumps({"error": str(exc)}))
         else:
             print(f"tracebank {args.command}: error: {exc}", file=sys.stderr)
         return USER_ERROR
+    if args.command == "audit":
+        return 0  # rows were streamed as they were read
     if getattr(args, "json", False):
         print(json.dumps(result, default=_json_default))
     else:

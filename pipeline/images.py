@@ -71,8 +71,13 @@ def decode_image(
             image.load()
     except ImageError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"{source}: not a readable image ({exc})") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageError(
+            f"{source}: not an image format this reader knows (PNG, JPEG, BMP, TIFF, ...); "
+            f"{len(data)} bytes starting {data[:8]!r}"
+        ) from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"{source}: refused as a decompression bomb ({exc})") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(f"{source}: the image is truncated or corrupt ({exc})") from exc
     return _to_uint8(image, source)

@@ -9,6 +9,7 @@ from typing import Any
 import bentoml
 
 from pipeline.bank import read_manifest
+from pipeline.registry import Registry, RegistryError
 
 MODEL_NAME = "tracebank-bank"
 
@@ -47,3 +48,43 @@ def save_to_store(bank_dir: str | Path, lineage: dict[str, Any]) -> str:
 def bank_path_in_store(tag: str) -> Path:
     """Directory of a stored bank (``tracebank-bank:TAG`` or ``:latest``)."""
     return Path(bentoml.models.get(tag).path)
+
+
+def production_bank_dir(registry_root: str | Path, model_tag: str | None = None) -> Path:
+    """Where the bank to serve lives: an explicit model-store tag, else the registry's
+    production bank as packaged in the model store.
+
+    Raises:
+        RegistryError: no production bank, or its packaged copy is not in this model store.
+    """
+    if model_tag:
+        try:
+            return bank_path_in_store(model_tag)
+        except bentoml.exceptions.NotFound as exc:
+            raise RegistryError(f"model {model_tag} is not in the BentoML model store ({exc})") from exc
+    registry = Registry(registry_root)
+    production = registry.production()
+    if production is None:
+        raise RegistryError(
+            f"no production bank in registry {registry_root}; run the training flow or `tracebank promote BANK`"
+        )
+    record = registry.lineage(production["bank_id"])
+    tag = record.get("model_tag")
+    if not tag:
+        raise RegistryError(
+            f"production bank {production['bank_id']} was never packaged into the BentoML model store; "
+            "rerun the pipeline's package step for it"
+        )
+    try:
+        return bank_path_in_store(tag)
+    except bentoml.exceptions.NotFound as exc:
+        raise RegistryError(
+            f"production bank {production['bank_id']} names model {tag}, which is not in the BentoML model store "
+            f"at {bentoml_home()}; set BENTOML_HOME to the store the pipeline packaged into"
+        ) from exc
+
+
+def bentoml_home() -> str:
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    return str(BentoMLContainer.bentoml_home.get())

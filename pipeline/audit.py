@@ -1,0 +1,201 @@
+"""The audit trail: one row per inspection decision, in a SQL database.
+
+SQLite (one file, WAL mode) by default; any SQLAlchemy URL, PostgreSQL included, by
+configuration. A row is committed before the service answers, so an answered request is
+a recorded request; when the row cannot be written the caller gets :class:`AuditError`
+and must refuse the request (the service answers 503) rather than answer unrecorded.
+
+Note:
+    SQLite runs with ``journal_mode=WAL`` and ``synchronous=NORMAL``: a committed row
+    survives a killed process (the WAL is replayed on next open), readers never block the
+    writer, and a commit costs one ``write`` rather than an ``fsync`` per row. The busy
+    timeout bounds how long a writer waits for a lock, well under the request timeout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import sqlite3
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.exc import SQLAlchemyError
+
+#: How long a write waits for a database lock before the request is refused (seconds).
+DEFAULT_LOCK_TIMEOUT_S = 5.0
+
+metadata = sa.MetaData()
+decisions = sa.Table(
+    "decisions",
+    metadata,
+    sa.Column("request_id", sa.String(64), primary_key=True),
+    sa.Column("time", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.Column("part_id", sa.String(256), nullable=True, index=True),
+    sa.Column("input_sha256", sa.String(64), nullable=False),
+    sa.Column("width", sa.Integer, nullable=False),
+    sa.Column("height", sa.Integer, nullable=False),
+    sa.Column("score", sa.Float, nullable=False),
+    sa.Column("decision", sa.String(16), nullable=False),
+    sa.Column("threshold", sa.Float, nullable=False),
+    sa.Column("bank_id", sa.String(64), nullable=False, index=True),
+    sa.Column("latency_ms", sa.Float, nullable=False),
+)
+
+
+class AuditError(RuntimeError):
+    """The decision could not be recorded (database locked, disk full, unreachable)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """One inspection decision as stored.
+
+    Attributes:
+        request_id: unique id the service returned to the client.
+        time: UTC time the decision was made.
+        part_id: the client's part identifier, if given.
+        input_sha256: hash of the uploaded bytes, to match an image to its decision.
+        width, height: decoded image size in pixels.
+        score: image anomaly score.
+        decision: ``"anomalous"`` or ``"good"``.
+        threshold: the bank's threshold the score was compared with.
+        bank_id: the bank that decided.
+        latency_ms: server-side time from receipt to decision.
+    """
+
+    request_id: str
+    time: dt.datetime
+    part_id: str | None
+    input_sha256: str
+    width: int
+    height: int
+    score: float
+    decision: str
+    threshold: float
+    bank_id: str
+    latency_ms: float
+
+    def as_json(self) -> dict[str, Any]:
+        row = dataclasses.asdict(self)
+        row["time"] = self.time.astimezone(dt.UTC).isoformat()
+        return row
+
+
+def database_url(value: str | Path) -> str:
+    """A SQLAlchemy URL from a URL or a plain file path (taken as SQLite)."""
+    text = str(value)
+    return text if "://" in text else f"sqlite:///{Path(text).resolve()}"
+
+
+class AuditLog:
+    """Records and queries decisions.
+
+    Args:
+        url: SQLAlchemy URL or a path to a SQLite file (created with its folder).
+        lock_timeout_s: longest wait for a lock before :class:`AuditError`.
+    """
+
+    def __init__(self, url: str | Path, *, lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S) -> None:
+        self.url = database_url(url)
+        self.is_sqlite = self.url.startswith("sqlite")
+        connect_args: dict[str, Any] = {}
+        if self.is_sqlite:
+            path = sa.engine.make_url(self.url).database
+            if path:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            connect_args = {"timeout": lock_timeout_s, "check_same_thread": False}
+        else:
+            connect_args = {"connect_timeout": max(1, int(lock_timeout_s))} if "postgres" in self.url else {}
+        self.engine = sa.create_engine(self.url, connect_args=connect_args, pool_pre_ping=not self.is_sqlite)
+        if self.is_sqlite:
+            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+        try:
+            metadata.create_all(self.engine)
+        except SQLAlchemyError as exc:
+            raise AuditError(f"cannot open the audit database {self._safe_url()}: {_reason(exc)}") from exc
+
+    def _safe_url(self) -> str:
+        return sa.engine.make_url(self.url).render_as_string(hide_password=True)
+
+    def record(self, decision: Decision) -> None:
+        """Commit one row; raises :class:`AuditError` if it is not stored."""
+        self.record_many([decision])
+
+    def record_many(self, batch: Sequence[Decision]) -> None:
+        """Commit rows in one transaction: all are stored, or none and :class:`AuditError`."""
+        if not batch:
+            return
+        rows = []
+        for decision in batch:
+            values = dataclasses.asdict(decision)
+            values["time"] = self._db_time(decision.time)
+            rows.append(values)
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(decisions.insert(), rows)
+        except SQLAlchemyError as exc:
+            raise AuditError(f"audit database {self._safe_url()}: {_reason(exc)}") from exc
+
+    def check(self) -> None:
+        """Raise :class:`AuditError` unless the database answers (for readiness probes)."""
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(sa.select(sa.func.count()).select_from(decisions).limit(1))
+        except SQLAlchemyError as exc:
+            raise AuditError(f"audit database {self._safe_url()}: {_reason(exc)}") from exc
+
+    def query(
+        self,
+        *,
+        part_id: str | None = None,
+        bank_id: str | None = None,
+        since: dt.datetime | None = None,
+        limit: int | None = None,
+    ) -> Iterator[Decision]:
+        """Decisions matching every filter given, oldest first."""
+        stmt = sa.select(decisions).order_by(decisions.c.time, decisions.c.request_id)
+        if part_id is not None:
+            stmt = stmt.where(decisions.c.part_id == part_id)
+        if bank_id is not None:
+            stmt = stmt.where(decisions.c.bank_id.startswith(bank_id, autoescape=True))
+        if since is not None:
+            stmt = stmt.where(decisions.c.time >= self._db_time(since))
+        if limit is not None:
+            stmt = stmt.limit(limit)
+        with self.engine.connect() as conn:
+            for row in conn.execute(stmt).mappings():
+                values = dict(row)
+                values["time"] = _utc(values["time"])
+                yield Decision(**values)
+
+    def _db_time(self, value: dt.datetime) -> dt.datetime:
+        """SQLite stores datetimes as text without an offset: store naive UTC there."""
+        value = _utc(value)
+        return value.replace(tzinfo=None) if self.is_sqlite else value
+
+    def count(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).select_from(decisions)).scalar_one())
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def _utc(value: dt.datetime) -> dt.datetime:
+    """SQLite hands back naive datetimes; every stored time is UTC."""
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
+def _sqlite_pragmas(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
+    cursor = dbapi_conn.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def _reason(exc: SQLAlchemyError) -> str:
+    original = getattr(exc, "orig", None)
+    return str(original or exc).splitlines()[0]

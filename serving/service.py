@@ -1,0 +1,271 @@
+"""The inspection service: the production memory bank behind HTTP, every decision audited.
+
+Run ``bentoml serve`` in the repository root (``bentofile.yaml`` names this service) and
+open http://127.0.0.1:3000 for the Swagger UI. Settings come from the environment:
+
+    TRACEBANK_REGISTRY        registry folder whose production bank is served (``banks``)
+    TRACEBANK_MODEL_TAG       serve this model-store tag instead (e.g. inside a Bento)
+    TRACEBANK_AUDIT_DB        SQLAlchemy URL or SQLite path (``audit/decisions.sqlite``)
+    TRACEBANK_ADMIN_TOKEN     bearer token for ``/reload``; reload is refused when unset
+    TRACEBANK_MAX_REQUEST_MB  largest request body, checked before it is read (20)
+    TRACEBANK_MAX_PIXELS      largest image in pixels, checked before decoding (40,000,000)
+    TRACEBANK_DEVICE          ``cpu`` or ``cuda`` (``cpu``)
+
+Endpoints: ``POST /predict`` (multipart ``image`` + ``part_id``, or JSON with
+``image_b64``), ``POST /predict_batch`` (adaptive batching across clients),
+``POST /metadata``, ``POST /reload``, ``GET /healthz``, ``GET /readyz``, ``GET /metrics``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import hmac
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import bentoml
+from pydantic import BaseModel, Field
+from starlette.responses import JSONResponse
+
+from pipeline.audit import AuditError, AuditLog
+from pipeline.bank import BankError
+from pipeline.images import DEFAULT_MAX_PIXELS, ImageError
+from pipeline.inspection import InputError, LoadedBank, Result, Upload, check_upload, decide
+from pipeline.registry import Registry, RegistryError
+from serving.guard import RequestGuard
+from serving.store import production_bank_dir
+
+logger = logging.getLogger("bentoml.tracebank")
+
+Output = Literal["none", "heatmap", "mask"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Service settings, read once from the environment at start."""
+
+    registry: str = "banks"
+    model_tag: str | None = None
+    audit_db: str = "audit/decisions.sqlite"
+    admin_token: str | None = None
+    max_request_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    device: str = "cpu"
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        env = os.environ
+        try:
+            max_mb = float(env.get("TRACEBANK_MAX_REQUEST_MB", "20"))
+            max_pixels = int(env.get("TRACEBANK_MAX_PIXELS", str(DEFAULT_MAX_PIXELS)))
+        except ValueError as exc:
+            raise ValueError(f"TRACEBANK_MAX_REQUEST_MB / TRACEBANK_MAX_PIXELS must be numbers: {exc}") from exc
+        return cls(
+            registry=env.get("TRACEBANK_REGISTRY", "banks"),
+            model_tag=env.get("TRACEBANK_MODEL_TAG") or None,
+            audit_db=env.get("TRACEBANK_AUDIT_DB", "audit/decisions.sqlite"),
+            admin_token=env.get("TRACEBANK_ADMIN_TOKEN") or None,
+            max_request_bytes=int(max_mb * 1024 * 1024),
+            max_pixels=max_pixels,
+            device=env.get("TRACEBANK_DEVICE", "cpu"),
+        )
+
+
+class BatchItem(BaseModel):
+    """One image of a batch request."""
+
+    image_b64: str = Field(description="the image file, base64-encoded")
+    part_id: str | None = None
+    output: Output = "none"
+
+
+def _error(status: int, message: str, field: str | None = None, **extra: Any) -> JSONResponse:
+    logger.warning("refused request (%d): %s", status, message)
+    body: dict[str, Any] = {"error": message}
+    if field is not None:
+        body["field"] = field
+    body.update(extra)
+    return JSONResponse(body, status_code=status)
+
+
+def _payload(result: Result) -> dict[str, Any]:
+    body = result.as_json()
+    if result.picture is not None:
+        body["png_b64"] = base64.b64encode(result.picture).decode("ascii")
+    return body
+
+
+def _b64(text: str, field: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InputError(f"field '{field}' is not valid base64 ({exc}); send the image file base64-encoded") from exc
+
+
+SETTINGS = Settings.from_env()
+
+
+@bentoml.service(
+    name="tracebank",
+    traffic={"timeout": 60, "max_concurrency": 64},
+    threads=4,
+    endpoints={"livez": "/healthz", "readyz": "/readyz"},
+)
+class Inspection:
+    """Serves the production bank; loads it once, verifies its hashes, audits every decision."""
+
+    def __init__(self) -> None:
+        self.settings = SETTINGS
+        self.audit = AuditLog(self.settings.audit_db)
+        self._predict_lock = threading.Lock()
+        self._reload_lock = threading.Lock()
+        self.bank: LoadedBank | None = None
+        self.load_error: str | None = None
+        try:
+            self.bank = self._load()
+            logger.info("serving bank %s (threshold %.4f)", self.bank.bank_id, self.bank.threshold)
+        except (BankError, RegistryError, OSError) as exc:
+            self.load_error = str(exc)
+            logger.error("no bank loaded: %s", exc)
+
+    def _load(self) -> LoadedBank:
+        directory = production_bank_dir(self.settings.registry, self.settings.model_tag)
+        return LoadedBank(directory, device=self.settings.device)
+
+    def __is_ready__(self) -> bool:
+        if self.bank is None:
+            return False
+        try:
+            self.audit.check()
+        except AuditError as exc:
+            logger.warning("not ready: %s", exc)
+            return False
+        return True
+
+    def _score(self, uploads: list[Upload]) -> list[Result]:
+        bank = self.bank  # one reference for the whole request: a reload never mixes banks
+        if bank is None:
+            raise RegistryError(f"no bank loaded: {self.load_error}")
+        with self._predict_lock:
+            return decide(bank, uploads, self.audit)
+
+    @bentoml.api(route="/predict")
+    def predict(
+        self,
+        # Path, not Path | None: BentoML 1.4 cannot build an optional file field; absent means None.
+        image: Path = None,  # type: ignore[assignment]
+        image_b64: str | None = None,
+        part_id: str | None = None,
+        output: Output = "none",
+    ) -> dict[str, Any]:
+        """Inspect one part: anomaly score, decision against the bank's threshold, and on
+        request (``output``) the heatmap overlay or binary mask as base64 PNG."""
+        received = time.perf_counter()
+        try:
+            if (image is None) == (image_b64 is None):
+                raise InputError("send exactly one of 'image' (multipart file) or 'image_b64' (JSON)")
+            if image is not None:
+                data, name, field = image.read_bytes(), "image", "image"
+            else:
+                data, name, field = _b64(image_b64 or "", "image_b64"), "image_b64", "image_b64"
+            upload = check_upload(data, part_id=part_id, output=output, filename=name,
+                                  max_pixels=self.settings.max_pixels, received=received)
+        except InputError as exc:
+            return _error(400, str(exc))
+        except ImageError as exc:
+            return _error(400, str(exc), field)
+        try:
+            return _payload(self._score([upload])[0])
+        except AuditError as exc:
+            return _error(503, f"decision not recorded, so not answered: {exc}; retry later")
+        except RegistryError as exc:
+            return _error(503, str(exc))
+
+    # max_latency_ms is when BentoML gives up on a queued item (503), not a target: a line
+    # would rather wait a few seconds under a burst than lose the decision.
+    @bentoml.api(route="/predict_batch", batchable=True, max_batch_size=16, max_latency_ms=30_000)
+    def predict_batch(self, items: list[BatchItem]) -> list[dict[str, Any]]:
+        """Inspect several parts; concurrent callers share backbone passes (adaptive
+        batching). A bad item gets an ``error`` entry of its own, the rest are scored."""
+        received = time.perf_counter()
+        answers: list[dict[str, Any] | None] = [None] * len(items)
+        uploads: list[Upload] = []
+        positions: list[int] = []
+        for i, item in enumerate(items):
+            try:
+                data = _b64(item.image_b64, "image_b64")
+                uploads.append(check_upload(data, part_id=item.part_id, output=item.output,
+                                            filename=f"items[{i}].image_b64", max_pixels=self.settings.max_pixels,
+                                            received=received))
+                positions.append(i)
+            except (InputError, ImageError) as exc:
+                logger.warning("refused batch item: %s", exc)
+                answers[i] = {"error": str(exc), "part_id": item.part_id}
+        try:
+            results = self._score(uploads)
+        except (AuditError, RegistryError) as exc:
+            message = f"decision not recorded, so not answered: {exc}; retry later"
+            raise bentoml.exceptions.ServiceUnavailable(message) from exc
+        for i, result in zip(positions, results, strict=True):
+            answers[i] = _payload(result)
+        return [a or {"error": "internal: no answer"} for a in answers]
+
+    @bentoml.api(route="/metadata")
+    def metadata(self) -> dict[str, Any]:
+        """The served bank: id, threshold, backbone, metrics and lineage."""
+        bank = self.bank
+        if bank is None:
+            return _error(503, f"no bank loaded: {self.load_error}")
+        info: dict[str, Any] = {
+            "bank_id": bank.bank_id,
+            "threshold": bank.manifest.get("threshold"),
+            "backbone": bank.manifest.get("backbone"),
+            "params": bank.manifest.get("params"),
+            "metrics": bank.manifest.get("metrics"),
+            "source": str(bank.directory),
+        }
+        try:
+            info["lineage"] = Registry(self.settings.registry).lineage(bank.bank_id)
+        except RegistryError as exc:
+            info["lineage"] = None
+            info["lineage_error"] = str(exc)
+        return info
+
+    @bentoml.api(route="/reload")
+    def reload(self, ctx: bentoml.Context) -> dict[str, Any]:
+        """Switch to the bank the registry now marks as production (admin token required).
+
+        The new bank is loaded and verified before the switch; requests in flight finish
+        on the bank they started with, and a bank that fails verification is not served.
+        """
+        def refuse(status: int, message: str, **extra: Any) -> JSONResponse:
+            ctx.response.status_code = status  # BentoML takes the status from ctx when one is declared
+            return _error(status, message, **extra)
+
+        expected = self.settings.admin_token
+        if expected is None:
+            return refuse(403, "reload is disabled: start the service with TRACEBANK_ADMIN_TOKEN set")
+        header = ctx.request.headers.get("authorization", "")
+        given = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
+        if not given or not hmac.compare_digest(given.encode(), expected.encode()):
+            return refuse(401, "reload needs the admin token: send 'Authorization: Bearer <token>'")
+        with self._reload_lock:
+            previous = self.bank.bank_id if self.bank is not None else None
+            try:
+                fresh = self._load()
+            except (BankError, RegistryError, OSError) as exc:
+                return refuse(409, f"reload refused, still serving {previous}: {exc}", bank_id=previous)
+            self.bank = fresh
+            self.load_error = None
+        logger.info("reloaded: %s -> %s", previous, fresh.bank_id)
+        return {"bank_id": fresh.bank_id, "previous": previous, "threshold": fresh.threshold}
+
+
+Inspection.add_asgi_middleware(RequestGuard, max_bytes=SETTINGS.max_request_bytes,
+                               paths=("/predict", "/predict_batch"))

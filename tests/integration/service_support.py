@@ -1,0 +1,143 @@
+"""Starting the real inspection service for tests: banks fitted on real MTD tiles,
+registered and packaged into a scratch BentoML store, then ``bentoml serve`` on 127.0.0.1."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from tests.conftest import MTD_SPEC, REPO
+
+BIN = Path(sys.executable).parent
+TOKEN = "test-admin-token"
+
+REGISTER = """
+import json, sys
+from pipeline.gates import GateConfig, check_gates
+from pipeline.registry import Registry
+from serving.store import save_to_store
+bank_dir, registry_root, metrics_json = sys.argv[1:4]
+metrics = json.loads(metrics_json)
+registry = Registry(registry_root)
+lineage = {"data_spec": "mtd (test subset)", "metrics": metrics,
+           "gates": check_gates(metrics, GateConfig(image_auroc_min=0.5, pro_min=0.0, pixel_auroc_min=0.5))}
+bank_id = registry.register(bank_dir, lineage)
+registry.set_fields(bank_id, model_tag=save_to_store(registry.bank_dir(bank_id), registry.lineage(bank_id)))
+print(bank_id)
+"""
+
+
+def env_for(project: Path, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "PATH": f"{BIN}{os.pathsep}{env['PATH']}",
+        "BENTOML_HOME": str(project / ".bentoml"),
+        "BENTOML_DO_NOT_TRACK": "true",
+        "DO_NOT_TRACK": "1",
+        "PYTHONPATH": str(REPO),
+        "TRACEBANK_REGISTRY": str(project / "banks"),
+        "TRACEBANK_AUDIT_DB": str(project / "audit" / "decisions.sqlite"),
+        "TRACEBANK_ADMIN_TOKEN": TOKEN,
+    })
+    env.update(extra)
+    return env
+
+
+def run(project: Path, *args: str, timeout: int = 900) -> str:
+    proc = subprocess.run(list(args), cwd=REPO, env=env_for(project), capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
+    return proc.stdout
+
+
+def fit_and_register(project: Path, name: str, *, limit: int, seed: int) -> str:
+    """Fit a small real MTD bank (threshold from its test subset) and register + package it."""
+    out = project / "work" / name
+    fitted = json.loads(run(project, str(BIN / "tracebank"), "fit", "--data", MTD_SPEC, "--out", str(out),
+                            "--limit", str(limit), "--ratio", "0.05", "--seed", str(seed), "--json", "--quiet"))
+    return run(project, sys.executable, "-c", REGISTER, str(out), str(project / "banks"),
+               json.dumps(fitted["metrics"])).strip()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Server:
+    """``bentoml serve`` of this repository's bentofile, in its own process group."""
+
+    def __init__(self, project: Path, **env: str) -> None:
+        self.project = project
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = project / f"server-{self.port}.log"
+        self.env = env_for(project, **env)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 240.0) -> Server:
+        log = open(self.log_path, "wb")  # noqa: SIM115 - closed with the process
+        self.proc = subprocess.Popen(
+            [str(BIN / "bentoml"), "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+            cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"bentoml serve exited ({self.proc.returncode}):\n{self.log()[-4000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return self
+            time.sleep(1.0)
+        self.stop()
+        raise AssertionError(f"service not ready after {timeout} s:\n{self.log()[-4000:]}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, sig)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+    def predict(self, client: httpx.Client, path: str | Path, part_id: str, **fields: str) -> httpx.Response:
+        data = Path(path).read_bytes()
+        return client.post(f"{self.url}/predict", files={"image": (Path(path).name, data, "image/png")},
+                           data={"part_id": part_id, **fields}, timeout=120)
+
+
+@contextlib.contextmanager
+def running(project: Path, **env: str) -> Iterator[Server]:
+    server = Server(project, **env).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def png(array: np.ndarray, **save: object) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG", **save)
+    return buffer.getvalue()

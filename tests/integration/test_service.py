@@ -1,0 +1,235 @@
+"""The inspection service, started with `bentoml serve` on 127.0.0.1 and used over HTTP."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import sqlite3
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.integration.service_support import BIN, TOKEN, fit_and_register, png, run, running
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, mtd_dataset):
+    """A registry with two real MTD banks (A in production, B a candidate), packaged."""
+    root = tmp_path_factory.mktemp("service")
+    bank_a = fit_and_register(root, "a", limit=40, seed=0)
+    bank_b = fit_and_register(root, "b", limit=30, seed=1)
+    assert bank_a != bank_b
+    run(root, str(BIN / "tracebank"), "promote", bank_a, "--registry", str(root / "banks"))
+    good = [s.path for s in mtd_dataset.test if s.label == 0][:4]
+    bad = [s.path for s in mtd_dataset.test if s.label == 1][:4]
+    return {"root": root, "a": bank_a, "b": bank_b, "good": good, "bad": bad}
+
+
+@pytest.fixture(scope="module")
+def server(project):
+    with running(project["root"], TRACEBANK_MAX_REQUEST_MB="2") as srv:
+        yield srv
+
+
+def audit_rows(project: Path) -> list[dict]:
+    with sqlite3.connect(project / "audit" / "decisions.sqlite") as conn:
+        conn.row_factory = sqlite3.Row
+        return [dict(r) for r in conn.execute("SELECT * FROM decisions")]
+
+
+def test_defective_tiles_score_higher_and_answers_are_complete(server, project):
+    with httpx.Client() as client:
+        good = [server.predict(client, p, f"good-{i}").json() for i, p in enumerate(project["good"])]
+        bad = [server.predict(client, p, f"bad-{i}").json() for i, p in enumerate(project["bad"])]
+    for answer in good + bad:
+        assert set(answer) >= {"score", "decision", "threshold", "bank_id", "request_id", "part_id", "time"}
+        assert answer["bank_id"] == project["a"]
+        assert answer["decision"] == ("anomalous" if answer["score"] >= answer["threshold"] else "good")
+    assert np.mean([a["score"] for a in bad]) > np.mean([a["score"] for a in good])
+    assert max(a["score"] for a in bad) > max(a["score"] for a in good)
+
+
+def test_heatmap_mask_and_base64_json(server, project):
+    path = project["bad"][0]
+    width, height = Image.open(path).size
+    with httpx.Client() as client:
+        heat = server.predict(client, path, "p-heat", output="heatmap").json()
+        mask = server.predict(client, path, "p-mask", output="mask").json()
+        as_json = client.post(f"{server.url}/predict", timeout=60, json={
+            "image_b64": base64.b64encode(Path(path).read_bytes()).decode(), "part_id": "p-json"}).json()
+    overlay = Image.open(io.BytesIO(base64.b64decode(heat["png_b64"])))
+    binary = np.asarray(Image.open(io.BytesIO(base64.b64decode(mask["png_b64"]))))
+    assert overlay.size == (width, height) and overlay.mode == "RGB"
+    assert binary.shape == (height, width) and set(np.unique(binary)) <= {0, 255}
+    assert as_json["score"] == pytest.approx(heat["score"], rel=1e-5)
+
+
+def _bad_inputs(good: Path) -> dict[str, dict]:
+    """Request keyword arguments for each bad input, with the status it must get."""
+    raw = good.read_bytes()
+    rng = np.random.default_rng(0)
+    frames = [Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8)) for _ in range(3)]
+    gif = io.BytesIO()
+    frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:])
+    bomb = io.BytesIO()
+    Image.new("1", (30000, 30000)).save(bomb, format="PNG")  # 900 Mpx of zeros, a few kB on disk
+
+    def upload(data: bytes, name: str = "x.png", **extra: object) -> dict:
+        return {"files": {"image": (name, data, "image/png")}, "data": {"part_id": "bad"}, **extra}
+
+    return {
+        "not an image": {**upload(b"this is a text file, not a picture\n" * 4), "status": 400},
+        "truncated": {**upload(raw[: len(raw) // 3]), "status": 400},
+        "zero bytes": {**upload(b""), "status": 400},
+        "animated": {**upload(gif.getvalue(), "a.gif"), "status": 400},
+        "1x1": {**upload(png(np.zeros((1, 1), np.uint8))), "status": 400},
+        "decompression bomb": {**upload(bomb.getvalue()), "status": 400},
+        "over the size limit": {**upload(b"\x89PNG" + bytes(3 * 1024 * 1024)), "status": 413},
+        "wrong content type": {"content": raw, "headers": {"content-type": "image/png"}, "status": 415},
+        "form without multipart": {"data": {"part_id": "x"}, "status": 415},
+        "text instead of a file": {"files": {"image": (None, "http://127.0.0.1:9/x.png")}, "status": 400},
+        "no image": {"files": {"part_id": (None, "x")}, "status": 400},
+        "bad base64": {"json": {"image_b64": "not base64!"}, "status": 400},
+        "bad output": {**upload(raw, output="nope"), "status": 400},
+    }
+
+
+def test_bad_inputs_get_4xx_json_and_server_keeps_serving(server, project):
+    good = Path(project["good"][0])
+    before = len(audit_rows(project["root"]))
+    with httpx.Client() as client:
+        for case, spec in _bad_inputs(good).items():
+            status = spec.pop("status")
+            if "output" in spec:
+                spec["data"]["output"] = spec.pop("output")
+            response = client.post(f"{server.url}/predict", timeout=60, **spec)
+            assert response.status_code == status, (case, response.status_code, response.text)
+            assert "error" in json.dumps(response.json()), case
+        assert client.get(f"{server.url}/readyz").status_code == 200
+        assert server.predict(client, good, "after-bad").status_code == 200
+    assert len(audit_rows(project["root"])) == before + 1  # refused requests are not decisions
+    assert "refused request (415)" in server.log() and "refused request (413)" in server.log()
+
+
+def test_other_image_kinds_are_decoded_not_refused(server, project):
+    """16-bit, CMYK and palette files are real camera/export formats: converted, then scored."""
+    tile = np.asarray(Image.open(project["good"][0]).convert("L"))
+    sixteen = png(tile.astype(np.uint16) * 257)
+    cmyk = io.BytesIO()
+    Image.fromarray(tile).convert("CMYK").save(cmyk, format="JPEG")
+    palette = png(np.asarray(Image.fromarray(tile).convert("P")))
+    with httpx.Client() as client:
+        base = server.predict(client, project["good"][0], "kind-base").json()["score"]
+        for name, data in (("16bit.png", sixteen), ("cmyk.jpg", cmyk.getvalue()), ("palette.png", palette)):
+            response = client.post(f"{server.url}/predict", timeout=60, data={"part_id": name},
+                                   files={"image": (name, data, "application/octet-stream")})
+            assert response.status_code == 200, (name, response.text)
+            assert response.json()["score"] == pytest.approx(base, rel=0.15), name
+
+
+def test_batch_endpoint_scores_items_and_isolates_bad_ones(server, project):
+    items = [{"image_b64": base64.b64encode(Path(p).read_bytes()).decode(), "part_id": f"batch-{i}"}
+             for i, p in enumerate(project["good"][:2] + project["bad"][:1])]
+    items.insert(1, {"image_b64": base64.b64encode(b"garbage").decode(), "part_id": "batch-bad"})
+    with httpx.Client() as client:
+        answers = client.post(f"{server.url}/predict_batch", json={"items": items}, timeout=120).json()
+    assert [a.get("part_id") for a in answers] == ["batch-0", "batch-bad", "batch-1", "batch-2"]
+    assert "error" in answers[1] and all("score" in a for i, a in enumerate(answers) if i != 1)
+
+
+def test_eight_clients_for_30s_every_accepted_request_recorded_once(server, project):
+    before = {r["request_id"] for r in audit_rows(project["root"])}
+    paths = project["good"] + project["bad"]
+    stop = time.monotonic() + 30
+    outcomes: Counter[str] = Counter()
+    ids: list[str] = []
+    lock = threading.Lock()
+
+    def client_loop(k: int) -> None:
+        with httpx.Client() as client:
+            i = 0
+            while time.monotonic() < stop:
+                path = paths[(k + i) % len(paths)]
+                if k % 2:
+                    response = server.predict(client, path, f"load-{k}-{i}")
+                    got = [response.json()] if response.status_code == 200 else []
+                else:
+                    item = {"image_b64": base64.b64encode(Path(path).read_bytes()).decode(), "part_id": f"load-{k}-{i}"}
+                    response = client.post(f"{server.url}/predict_batch", json={"items": [item]}, timeout=120)
+                    got = response.json() if response.status_code == 200 else []
+                with lock:
+                    outcomes[str(response.status_code)] += 1
+                    ids.extend(a["request_id"] for a in got)
+                i += 1
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(client_loop, range(8)))
+    assert set(outcomes) == {"200"}, outcomes
+    rows = [r for r in audit_rows(project["root"]) if r["request_id"] not in before]
+    assert len(ids) == len(set(ids)) and len(ids) > 8
+    assert sorted(r["request_id"] for r in rows) == sorted(ids)
+
+
+def test_reload_switches_bank_without_failed_requests_and_needs_token(server, project):
+    root = project["root"]
+    answers: list[tuple[int, str | None]] = []
+    done = threading.Event()
+
+    def keep_asking() -> None:
+        with httpx.Client() as client:
+            while not done.is_set():
+                response = server.predict(client, project["good"][1], "during-reload")
+                answers.append((response.status_code, response.json().get("bank_id")))
+
+    worker = threading.Thread(target=keep_asking)
+    worker.start()
+    try:
+        with httpx.Client() as client:
+            assert client.post(f"{server.url}/reload", json={}).status_code == 401
+            wrong = client.post(f"{server.url}/reload", json={}, headers={"Authorization": "Bearer nope"})
+            assert wrong.status_code == 401
+            run(root, str(BIN / "tracebank"), "promote", project["b"], "--registry", str(root / "banks"))
+            time.sleep(1.0)
+            assert server.predict(client, project["good"][0], "before-reload").json()["bank_id"] == project["a"]
+            reloaded = client.post(f"{server.url}/reload", json={}, headers={"Authorization": f"Bearer {TOKEN}"})
+            assert reloaded.status_code == 200, reloaded.text
+            assert reloaded.json() == {"bank_id": project["b"], "previous": project["a"],
+                                       "threshold": reloaded.json()["threshold"]}
+            time.sleep(1.5)
+            after = server.predict(client, project["good"][0], "after-reload").json()
+            meta = client.post(f"{server.url}/metadata", json={}).json()
+    finally:
+        done.set()
+        worker.join()
+    assert after["bank_id"] == project["b"] and meta["bank_id"] == project["b"]
+    assert meta["lineage"]["bank_id"] == project["b"] and meta["lineage"]["data_spec"]
+    assert {status for status, _ in answers} == {200}
+    assert {bank for _, bank in answers} <= {project["a"], project["b"]} and answers[-1][1] == project["b"]
+    assert "reload needs the admin token" in server.log()
+
+
+def test_audit_cli_answers_which_bank_flagged_a_part(server, project):
+    root = project["root"]
+    with httpx.Client() as client:
+        answer = server.predict(client, project["bad"][2], "part-4711").json()
+    common = ["--db", str(root / "audit" / "decisions.sqlite"), "--registry", str(root / "banks")]
+    lines = run(root, str(BIN / "tracebank"), "audit", "--part", "part-4711", "--json", *common).splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert len(rows) == 1
+    row = rows[0]
+    assert {k: row[k] for k in ("part_id", "bank_id", "request_id", "decision")} == {
+        "part_id": "part-4711", "bank_id": answer["bank_id"], "request_id": answer["request_id"],
+        "decision": answer["decision"]}
+    assert row["score"] == pytest.approx(answer["score"])
+    assert row["lineage"]["model_tag"].startswith("tracebank-bank:") and row["lineage"]["data_spec"]
+    by_bank = run(root, str(BIN / "tracebank"), "audit", "--bank", project["a"], *common).splitlines()
+    assert by_bank[0].startswith("time,request_id,part_id,bank_id") and len(by_bank) > 10
+    assert all(project["a"] in line for line in by_bank[1:])
