@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 from PIL import Image
 
 from tests.conftest import MTD_SPEC, REPO
@@ -111,16 +112,38 @@ class Server:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, sig)
+    def processes(self) -> list[psutil.Process]:
+        """The arbiter and its workers (BentoML starts workers in sessions of their own)."""
+        if self.proc is None:
+            return []
         try:
+            parent = psutil.Process(self.proc.pid)
+            return [parent, *parent.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def kill(self) -> None:
+        """``kill -9`` of every process of the server at once."""
+        for process in self.processes():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        if self.proc is not None:
             self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        """SIGTERM to the arbiter (it stops its workers); SIGKILL whatever is left after 30 s."""
+        processes = self.processes()
+        if self.proc is None or self.proc.poll() is not None:
+            for process in processes:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.kill()
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        _, alive = psutil.wait_procs(processes, timeout=30)
+        for process in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        self.proc.wait(timeout=30)
 
     def predict(self, client: httpx.Client, path: str | Path, part_id: str, **fields: str) -> httpx.Response:
         data = Path(path).read_bytes()
