@@ -51,7 +51,8 @@ def decode_image(
         raise ImageError(f"{source}: the file is empty (0 bytes); supply an image file")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", UserWarning)  # Pillow's notes on damaged TIFF tags: the
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # damage is reported below
             image = Image.open(io.BytesIO(data))
             width, height = image.size
             if width * height > max_pixels:

@@ -17,12 +17,10 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import pytest
 from PIL import Image
 
 from tests.conftest import REPO
-from tests.integration.service_support import BIN as VENV_BIN
-from tests.integration.service_support import TOKEN, Server, fit_and_register, run, running
+from tests.integration.service_support import TOKEN, Server, running
 
 FIGURES = REPO / "runs" / "reliability"
 
@@ -30,16 +28,6 @@ FIGURES = REPO / "runs" / "reliability"
 def record(name: str, figures: dict) -> None:
     FIGURES.mkdir(parents=True, exist_ok=True)
     (FIGURES / f"{name}.json").write_text(json.dumps(figures, indent=2))
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory, mtd_dataset):
-    root = tmp_path_factory.mktemp("reliability")
-    bank = fit_and_register(root, "a", limit=40, seed=0)
-    run(root, str(VENV_BIN / "tracebank"), "promote", bank, "--registry", str(root / "banks"))
-    good = [s.path for s in mtd_dataset.test if s.label == 0][:6]
-    bad = [s.path for s in mtd_dataset.test if s.label == 1][:6]
-    return {"root": root, "bank": bank, "good": good, "bad": bad}
 
 
 def malformed(good: Path, k: int) -> bytes:
