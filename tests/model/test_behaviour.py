@@ -36,3 +36,24 @@ def test_scoring_before_fit_is_a_clear_error(extractor):
     model = PatchCore(extractor.config, extractor=extractor)
     with pytest.raises(NotFittedError, match="call fit"):
         model.predict([np.zeros((64, 64), np.uint8)])
+
+
+def test_normal_only_validation_gives_a_usable_threshold(elpv_mono, extractor):
+    """No defective images to tune on (anomalib's broken case): the threshold is a high
+    quantile of held-out good scores; it passes good cells and flags most defective ones."""
+    from pipeline.config import CoresetConfig
+    from pipeline.evaluation import choose_threshold
+
+    train = [img for _, img, _ in load_images(elpv_mono.train[:80])]
+    model = PatchCore(extractor.config, CoresetConfig(ratio=0.05), extractor=extractor)
+    model.fit([train[i : i + 8] for i in range(0, len(train), 8)])
+    held_out = [img for _, img, _ in load_images(elpv_mono.train[80:140])]  # good, not in the bank
+    scores = model.predict(held_out, maps=False).scores
+    chosen = choose_threshold(np.zeros(len(scores), int), scores)
+    assert chosen["threshold_method"] == "nominal_quantile_0.99" and np.isfinite(chosen["threshold"])
+    good = [img for _, img, _ in load_images([s for s in elpv_mono.test if s.label == 0][:30])]
+    bad = [img for _, img, _ in load_images([s for s in elpv_mono.test if s.label == 1][:30])]
+    flagged_good = np.mean(model.predict(good, maps=False).scores >= chosen["threshold"])
+    flagged_bad = np.mean(model.predict(bad, maps=False).scores >= chosen["threshold"])
+    assert flagged_good <= 0.15
+    assert flagged_bad >= 0.5
