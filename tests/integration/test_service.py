@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import REPO
 from tests.integration.service_support import BIN, TOKEN, fit_and_register, png, run, running
 
 
@@ -233,3 +235,15 @@ def test_audit_cli_answers_which_bank_flagged_a_part(server, project):
     by_bank = run(root, str(BIN / "tracebank"), "audit", "--bank", project["a"], *common).splitlines()
     assert by_bank[0].startswith("time,request_id,part_id,bank_id") and len(by_bank) > 10
     assert all(project["a"] in line for line in by_bank[1:])
+
+
+def test_bentoml_build_packs_the_service(tmp_path):
+    home = tmp_path / "bentoml-home"
+    import subprocess
+
+    proc = subprocess.run([str(BIN / "bentoml"), "build", "--output", "tag"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "BENTOML_HOME": str(home)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    bento = next(p for p in (home / "bentos" / "tracebank").iterdir() if p.name != "latest")
+    assert (bento / "src" / "serving" / "service.py").is_file() and (bento / "src" / "pipeline" / "bank.py").is_file()
+    assert "serving.service:Inspection" in (bento / "bento.yaml").read_text()
