@@ -1,0 +1,159 @@
+"""Fitting a bank across Dask workers: feature extraction and the first coreset stage run per
+shard of the nominal images, the second stage over the union of the shards' candidates.
+
+    python -m flows.distributed --workers 2                       # local Dask cluster
+    python -m flows.distributed --address tcp://scheduler:8786    # an existing cluster
+    python -m flows.distributed --bench --workers 1,2             # 1 vs 2 workers, timed
+
+Greedy k-center composes: the union of per-shard coresets (each keeping ``oversample`` times
+its share) is a small set that covers every shard, and a greedy pass over it picks the final
+bank. Workers write their shard's features and candidates under ``--work``, which must be a
+folder every worker and this process can read (a shared mount on a real cluster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from prefect import flow, task
+
+from pipeline.bank import save_bank
+from pipeline.config import CoresetConfig, FeatureConfig
+from pipeline.coreset import coreset_size, greedy_coreset
+from pipeline.datasets import Sample, open_dataset
+from pipeline.model import PatchCore
+from pipeline.stages import FeatureStore, extract_features
+from pipeline.steps import Params
+
+
+@task(retries=1, retry_delay_seconds=5)
+def extract_shard(samples: list[Sample], features: FeatureConfig, directory: str, batch_size: int,
+                  threads: int) -> dict[str, Any]:
+    """Patch features of one shard, streamed to ``directory`` on the worker."""
+    import torch
+
+    from pipeline.features import FeatureExtractor
+
+    torch.set_num_threads(threads)
+    store = extract_features(samples, FeatureExtractor(features), directory, batch_size=batch_size)
+    return {"directory": directory, "rows": store.rows, "files": store.files, "skipped": store.skipped}
+
+
+@task
+def select_shard(shard: dict[str, Any], coreset: CoresetConfig, oversample: float, threads: int) -> str:
+    """First coreset stage on one shard: keep ``oversample`` times the shard's share."""
+    import torch
+
+    torch.set_num_threads(threads)
+    feats = FeatureStore.open(shard["directory"]).array()
+    idx = np.sort(greedy_coreset(feats, min(1.0, coreset.ratio * oversample), seed=coreset.seed,
+                                 proj_dim=coreset.proj_dim))
+    out = Path(shard["directory"]) / "candidates.npy"
+    np.save(out, np.ascontiguousarray(feats[idx], dtype=np.float32), allow_pickle=False)
+    return str(out)
+
+
+@flow(name="tracebank-fit-distributed")
+def fit_distributed(
+    params_file: str = "params.yaml",
+    out: str = "runs/distributed/candidate",
+    work: str = "runs/distributed",
+    shards: int = 2,
+    oversample: float = 8.0,
+    threads_per_task: int = 1,
+    data: str | None = None,
+) -> dict[str, Any]:
+    """Fit a bank with extraction and the first coreset stage spread over the task runner."""
+    params = Params.load(params_file, {"data": data} if data else None)
+    dataset = open_dataset(params.data)
+    if shards < 1 or shards > len(dataset.train):
+        raise ValueError(f"shards must be in [1, {len(dataset.train)}], got {shards}")
+    start = time.perf_counter()
+    bounds = np.linspace(0, len(dataset.train), shards + 1).astype(int)
+    extracted = [
+        extract_shard.submit(dataset.train[a:b], params.features, str(Path(work) / f"shard-{i}"), params.batch_size,
+                             threads_per_task)
+        for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))
+    ]
+    selected = [select_shard.submit(e, params.coreset, oversample, threads_per_task) for e in extracted]
+    shard_info = [e.result() for e in extracted]
+    candidates = np.concatenate([np.load(s.result(), allow_pickle=False) for s in selected])
+    stage1_s = time.perf_counter() - start
+    rows = sum(s["rows"] for s in shard_info)
+    target = coreset_size(rows, params.coreset.ratio)
+    ratio = min(1.0, target / len(candidates))
+    idx = np.sort(greedy_coreset(candidates, ratio, seed=params.coreset.seed, proj_dim=params.coreset.proj_dim))
+    model = PatchCore(params.features, params.coreset, params.scoring)
+    model.set_bank(np.ascontiguousarray(candidates[idx]))
+    shutil.rmtree(out, ignore_errors=True)
+    training = {
+        "spec": params.data,
+        "n_images": sum(len(s["files"]) for s in shard_info),
+        "files": [f for s in shard_info for f in s["files"]],
+        "skipped": [f for s in shard_info for f in s["skipped"]],
+        "distributed": {"shards": shards, "oversample": oversample, "candidates": len(candidates)},
+    }
+    manifest = save_bank(out, model, training=training)
+    return {"bank_id": manifest["bank_id"], "bank": out, "bank_size": len(idx), "rows": rows,
+            "n_images": training["n_images"],
+            "candidates": len(candidates), "stage1_s": stage1_s, "total_s": time.perf_counter() - start}
+
+
+def on_dask(workers: int | None = None, address: str | None = None) -> Any:
+    """``fit_distributed`` on a local Dask cluster of ``workers`` processes, or on the
+    cluster at ``address``."""
+    from prefect_dask import DaskTaskRunner
+
+    if address:
+        runner = DaskTaskRunner(address=address)
+    else:
+        runner = DaskTaskRunner(cluster_kwargs={"n_workers": workers or 2, "threads_per_worker": 1,
+                                                "processes": True, "dashboard_address": None})
+    return fit_distributed.with_options(task_runner=runner)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.distributed", description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--data", help="dataset spec instead of params.yaml's")
+    parser.add_argument("--workers", default="2", help="local cluster size; with --bench a list like 1,2")
+    parser.add_argument("--address", help="scheduler address of an existing Dask cluster")
+    parser.add_argument("--shards", type=int, help="shards of the training set (default: 2 per worker)")
+    parser.add_argument("--work", default="runs/distributed")
+    parser.add_argument("--out", default="runs/distributed/candidate")
+    parser.add_argument("--bench", action="store_true", help="time each worker count in --workers")
+    args = parser.parse_args(argv)
+    cores = os.cpu_count() or 1
+    results = []
+    for workers in [int(w) for w in args.workers.split(",")]:
+        shards = args.shards or 2 * workers
+        threads = max(1, cores // workers)
+        started = time.perf_counter()
+        result = on_dask(workers, args.address)(params_file=args.params, out=args.out, work=args.work,
+                                                shards=shards, threads_per_task=threads, data=args.data)
+        result.update({"workers": workers, "shards": shards, "threads_per_task": threads,
+                       "wall_s": time.perf_counter() - started})
+        results.append(result)
+        if not args.bench:
+            break
+    if args.bench:
+        print(f"{'workers':>7} {'shards':>6} {'threads':>7} {'images':>6} {'stage1_s':>8} {'fit_s':>7} {'wall_s':>7} "
+              f"{'bank':>6}")
+        for r in results:
+            print(f"{r['workers']:>7} {r['shards']:>6} {r['threads_per_task']:>7} {r['n_images']:>6} "
+                  f"{r['stage1_s']:>8.1f} {r['total_s']:>7.1f} {r['wall_s']:>7.1f} {r['bank_size']:>6}")
+    else:
+        print(json.dumps(results[0]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
