@@ -113,16 +113,18 @@ def metadata_table(train: Sequence[Sample], test: Sequence[Sample]) -> pd.DataFr
 
 def _expectations(config: ValidationConfig) -> list[Any]:
     import great_expectations as gx
+    from great_expectations.expectations.row_conditions import Column
 
     e = gx.expectations
+    readable = Column("readable") == True  # noqa: E712 - builds a GX condition, not a Python comparison
     out = [
         e.ExpectColumnValuesToBeBetween(column="width", min_value=config.min_side, max_value=config.max_side,
-                                        row_condition='readable == True', condition_parser="pandas"),
+                                        row_condition=readable),
         e.ExpectColumnValuesToBeBetween(column="height", min_value=config.min_side, max_value=config.max_side,
-                                        row_condition='readable == True', condition_parser="pandas"),
+                                        row_condition=readable),
         e.ExpectColumnValuesToBeBetween(column="brightness", min_value=config.brightness_min,
                                         max_value=config.brightness_max,
-                                        row_condition='readable == True', condition_parser="pandas"),
+                                        row_condition=readable),
         e.ExpectColumnValuesToBeInSet(column="duplicate", value_set=[False]),
         e.ExpectColumnValuesToBeInSet(column="in_both_splits", value_set=[False]),
         e.ExpectColumnValuesToBeInSet(column="mask_ok", value_set=[True]),
