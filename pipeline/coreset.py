@@ -3,6 +3,11 @@
 The memory bank keeps the subset that greedily minimises the largest distance from any
 patch feature to its nearest kept feature (minimax facility location). Distances are
 computed on a Johnson-Lindenstrauss random projection for speed.
+
+The greedy is run lazily (:func:`_lazy_greedy`): it picks the same centres as the plain
+loop that updates every point per new centre, but keeps only the points that can still be
+picked soon in the per-centre update and brings the others up to date in batched matrix
+products when they might be. Above ``EXACT_LIMIT`` points it runs in two stages over shards.
 """
 
 from __future__ import annotations
@@ -13,6 +18,10 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+EXACT_LIMIT = 1 << 21  # points above which the default selection runs in two stages
+SHARD_SIZE = 16384  # first-stage shard size of the two-stage selection
+_GEMM_ELEMENTS = 1 << 22  # distance block (rows * centres) of one refresh product with several threads
+
 
 def coreset_size(n: int, ratio: float) -> int:
     """Number of centres kept from ``n`` features at ``ratio`` (at least one)."""
@@ -21,8 +30,17 @@ def coreset_size(n: int, ratio: float) -> int:
     return max(1, min(n, math.ceil(n * ratio)))
 
 
-def project(features: np.ndarray, proj_dim: int, *, seed: int, chunk: int = 65536) -> torch.Tensor:
+def project(
+    features: np.ndarray, proj_dim: int, *, seed: int, rows: np.ndarray | None = None, chunk: int = 65536
+) -> torch.Tensor:
     """Gaussian random projection ``(N, D) -> (N, proj_dim)`` float32, in chunks.
+
+    Args:
+        features: ``(N, D)`` float32 or float16 (may be a memory map).
+        proj_dim: output dimension.
+        seed: seeds the projection matrix (the same seed gives the same matrix).
+        rows: project only these rows, in this order (read chunk by chunk).
+        chunk: rows converted to float32 at a time.
 
     Note:
         A projection with i.i.d. N(0, 1/proj_dim) entries preserves pairwise distances up
@@ -30,15 +48,21 @@ def project(features: np.ndarray, proj_dim: int, *, seed: int, chunk: int = 6553
         close to the one on full features at a fraction of the cost. When ``proj_dim`` is
         not smaller than ``D`` the features are used as they are.
     """
-    n, dim = features.shape
-    if proj_dim >= dim:
-        return torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
-    generator = torch.Generator().manual_seed(seed)
-    matrix = torch.randn(dim, proj_dim, generator=generator) / math.sqrt(proj_dim)
-    out = torch.empty(n, proj_dim)
+    dim = features.shape[1]
+    n = len(features) if rows is None else len(rows)
+    matrix = None
+    if proj_dim < dim:
+        generator = torch.Generator().manual_seed(seed)
+        matrix = torch.randn(dim, proj_dim, generator=generator) / math.sqrt(proj_dim)
+    out = torch.empty(n, proj_dim if matrix is not None else dim)
     for start in range(0, n, chunk):
-        block = torch.from_numpy(np.array(features[start : start + chunk], dtype=np.float32))
-        torch.mm(block, matrix, out=out[start : start + len(block)])
+        stop = min(n, start + chunk)
+        block = features[start:stop] if rows is None else features[rows[start:stop]]
+        block = torch.from_numpy(np.array(block, dtype=np.float32))  # (chunk, D)
+        if matrix is None:
+            out[start:stop] = block
+        else:
+            torch.mm(block, matrix, out=out[start:stop])
     return out
 
 
@@ -48,19 +72,21 @@ def greedy_coreset(
     *,
     seed: int = 0,
     proj_dim: int = 128,
-    shard_size: int = 8192,
+    shard_size: int | None = None,
     oversample: float = 8.0,
     progress: Callable[[int], None] | None = None,
 ) -> np.ndarray:
-    """Indices of a greedy k-center coreset, selected in two composable stages.
+    """Indices of a greedy k-center coreset.
 
     Args:
         features: ``(N, D)`` float32 or float16 (may be a memory map).
         ratio: fraction kept, in (0, 1].
-        seed: seeds the projection, the shard order and the first centres.
+        seed: seeds the projection, the first centre and the shards.
         proj_dim: projection dimension for distance computations.
-        shard_size: points per first-stage shard; 0 runs the plain greedy over all points.
-        oversample: each shard keeps ``oversample`` times its share of centres.
+        shard_size: points per first-stage shard; 0 runs one greedy over all points (the
+            same centres as :func:`greedy_coreset_naive`); None chooses 0 up to
+            ``EXACT_LIMIT`` points and ``SHARD_SIZE`` above.
+        oversample: with shards, each shard keeps ``oversample`` times its share of centres.
         progress: called with the number of final centres added since the last call.
 
     Returns:
@@ -68,12 +94,11 @@ def greedy_coreset(
         ``K = ceil(N * ratio)``.
 
     Note:
-        Stage 1 runs the greedy independently on shards of ``shard_size`` points (small
-        enough to stay in cache, and each could run on another machine); stage 2 runs it
-        over the union of their picks. Greedy k-center picks the outermost points first, so
-        the union holds every shard's extremes and the final covering radius stays close to
-        that of the greedy over all points (measured in BENCHMARKS.md) for a fraction of
-        its O(N * K) distance updates.
+        With shards, stage 1 runs the greedy independently on random shards and stage 2 runs
+        it over the union of their picks. Greedy k-center picks the outermost points first,
+        so the union holds every shard's extremes and the covering radius stays close to that
+        of one greedy over all points, while only one shard and the union are ever projected
+        in memory at once (``python -m pipeline.bench --coreset`` measures both).
     """
     n = len(features)
     if n == 0:
@@ -81,46 +106,22 @@ def greedy_coreset(
     k = coreset_size(n, ratio)
     if k == n:
         return np.arange(n, dtype=np.int64)
+    if shard_size is None:
+        shard_size = 0 if n <= EXACT_LIMIT else SHARD_SIZE
     rng = np.random.default_rng(seed)
-    projected = project(features, proj_dim, seed=seed)  # (N, P)
+    first = int(rng.integers(n))
     n_shards = n // shard_size if shard_size else 0
-    union_size = oversample * k
-    if n_shards < 2 or union_size >= n / 2:
-        return _greedy_loop(projected, k, int(rng.integers(n)), progress)
+    if n_shards < 2 or oversample * k >= n / 2:
+        return _lazy_greedy(project(features, proj_dim, seed=seed), k, first, progress)
     picks = []
     for shard in np.array_split(rng.permutation(n), n_shards):
-        k_shard = min(len(shard), math.ceil(union_size / n_shards))
-        local = _greedy_loop(projected[torch.from_numpy(shard)], k_shard, int(rng.integers(len(shard))), None)
-        picks.append(shard[local])
-    union = np.concatenate(picks)  # (U,) indices into features, each shard's picks in order
-    return union[_greedy_loop(projected[torch.from_numpy(union)], k, 0, progress)]
-
-
-def _greedy_loop(
-    points: torch.Tensor, k: int, first: int, progress: Callable[[int], None] | None
-) -> np.ndarray:
-    """The plain greedy loop over all points (used for small inputs and as the reference)."""
-    n = len(points)
-    sq_norms = (points * points).sum(dim=1)  # (N,)
-    min_dist = torch.full((n,), float("inf"))
-    dots = torch.empty(n)
-    dist = torch.empty(n)
-    selected = np.empty(k, dtype=np.int64)
-    current = first
-    step = max(1, k // 100)
-    for i in range(k):
-        selected[i] = current
-        torch.mv(points, points[current], out=dots)
-        torch.add(sq_norms, dots, alpha=-2.0, out=dist)
-        dist.add_(sq_norms[current])
-        torch.minimum(min_dist, dist, out=min_dist)
-        min_dist[current] = -1.0  # never chosen again, even among exact duplicates
-        current = int(torch.argmax(min_dist))
-        if progress is not None and (i + 1) % step == 0:
-            progress(step)
-    if progress is not None and k % step:
-        progress(k % step)
-    return selected
+        shard.sort()  # sequential reads from a memory map
+        k_shard = min(len(shard), math.ceil(oversample * k / n_shards))
+        points = project(features, proj_dim, seed=seed, rows=shard)  # (S, P)
+        picks.append(shard[_lazy_greedy(points, k_shard, int(rng.integers(len(shard))), None)])
+    union = np.sort(np.concatenate(picks))  # (U,)
+    points = project(features, proj_dim, seed=seed, rows=union)  # (U, P)
+    return union[_lazy_greedy(points, k, int(np.searchsorted(union, picks[0][0])), progress)]
 
 
 def greedy_coreset_naive(
@@ -133,8 +134,8 @@ def greedy_coreset_naive(
 ) -> np.ndarray:
     """Reference greedy k-center: updates the distances of all N points per new centre.
 
-    Same arguments and result as :func:`greedy_coreset`, at O(N * K * P) cost; kept for
-    tests and the benchmark.
+    Same arguments and result as :func:`greedy_coreset` with ``shard_size=0``, at
+    O(N * K * P) memory-bound cost; kept for tests and the benchmark.
     """
     n = len(features)
     if n == 0:
@@ -143,21 +144,183 @@ def greedy_coreset_naive(
     if k == n:
         return np.arange(n, dtype=np.int64)
     first = int(np.random.default_rng(seed).integers(n))
-    return _greedy_loop(project(features, proj_dim, seed=seed), k, first, progress)
+    points = project(features, proj_dim, seed=seed)  # (N, P)
+    sq_norms = (points * points).sum(dim=1)  # (N,)
+    min_dist = torch.full((n,), float("inf"))
+    dist = torch.empty(n)
+    selected = np.empty(k, dtype=np.int64)
+    current = first
+    reporter = _Progress(k, progress)
+    for i in range(k):
+        selected[i] = current
+        torch.addmv(sq_norms, points, points[current], alpha=-2.0, out=dist)
+        dist.add_(sq_norms[current]).clamp_min_(0.0)
+        torch.minimum(min_dist, dist, out=min_dist)
+        min_dist[current] = -1.0  # never chosen again, even among exact duplicates
+        current = int(torch.argmax(min_dist))
+        reporter.step()
+    return selected
 
 
-def covering_radius(features: np.ndarray, centres: np.ndarray, *, chunk: int = 32768) -> float:
+def _lazy_greedy(
+    points: torch.Tensor,
+    k: int,
+    first: int,
+    progress: Callable[[int], None] | None,
+    *,
+    slack: float = 0.95,
+) -> np.ndarray:
+    """Greedy k-center over ``points`` ``(N, P)`` from row ``first``: the plain loop's centres.
+
+    Note:
+        The next centre is the point farthest from all centres so far, at squared distance
+        ``r2``. A point whose squared distance is below ``(slack * r)^2`` cannot be picked
+        until ``r`` has shrunk by that factor, so it leaves the per-centre update and keeps
+        its last distance as an upper bound. Whenever a bound reaches the current ``r2``,
+        the points with bounds above ``(slack * r)^2`` are brought up to date against the
+        centres added meanwhile in one matrix product and rejoin the update if still far.
+        The farthest active point is then the farthest of all, so the picks are those of the
+        plain loop (up to float rounding among near ties). On MTD patch features about half
+        of the point-centre distances are computed, as compute-bound matrix products instead
+        of memory-bound matrix-vector products, and the per-centre update runs on a few
+        thousand points.
+    """
+    n = len(points)
+    sq_all = (points * points).sum(dim=1)  # (N,)
+    selected = np.empty(k, dtype=np.int64)
+    active = torch.arange(n)  # rows of ``points`` in the per-centre update
+    pts, sq = points, sq_all
+    min_dist = torch.full((n,), float("inf"))  # of the active rows
+    buffer = torch.empty(n)
+    # one thread is fastest with blocks that stay in cache; several need big blocks to hide
+    # their synchronisation, which costs a scheduler slice whenever another process holds a core
+    scratch = torch.empty(_GEMM_ELEMENTS if torch.get_num_threads() > 1 else _GEMM_ELEMENTS >> 4)
+    # dormant rows, their squared distance to the first ``since`` centres (an upper bound)
+    d_rows, d_bound, d_since = torch.empty(0, dtype=torch.long), torch.empty(0), torch.empty(0, dtype=torch.long)
+    bound_max = -math.inf
+    reporter = _Progress(k, progress)
+    current = first  # position in ``active``
+    for i in range(k):
+        row = int(active[current])
+        selected[i] = row
+        dist = buffer[: len(pts)]
+        torch.addmv(sq, pts, points[row], alpha=-2.0, out=dist)
+        dist.add_(sq_all[row]).clamp_min_(0.0)
+        torch.minimum(min_dist, dist, out=min_dist)
+        min_dist[current] = -1.0  # never chosen again, even among exact duplicates
+        current = int(torch.argmax(min_dist))
+        r2 = float(min_dist[current])
+        reporter.step()
+        if i + 1 == k:
+            break
+        if bound_max > r2:  # a dormant row may be the farthest: refresh the likely ones
+            threshold = min(slack * slack * max(r2, 0.0), bound_max)
+            hot = d_bound >= threshold
+            rows, bounds, since = _refresh(
+                points, sq_all, selected[: i + 1], d_rows[hot], d_bound[hot], d_since[hot], threshold, scratch
+            )
+            far = bounds >= threshold  # up to date: they rejoin the update
+            cold = ~hot
+            d_rows = torch.cat([d_rows[cold], rows[~far]])
+            d_bound = torch.cat([d_bound[cold], bounds[~far]])
+            d_since = torch.cat([d_since[cold], since[~far]])
+            bound_max = float(d_bound.max()) if len(d_bound) else -math.inf
+            active, min_dist = torch.cat([active, rows[far]]), torch.cat([min_dist, bounds[far]])
+            pts, sq = points[active], sq_all[active]  # (A, P), (A,)
+            current = int(torch.argmax(min_dist))
+            r2 = float(min_dist[current])
+        if ((i + 1) % 16 == 0 or ((i + 1) & i) == 0) and r2 > 0:
+            near = min_dist < slack * slack * r2
+            n_near = int(near.sum())
+            if 4 * n_near > len(active):
+                d_rows = torch.cat([d_rows, active[near]])
+                d_bound = torch.cat([d_bound, min_dist[near]])
+                d_since = torch.cat([d_since, torch.full((n_near,), i + 1)])
+                bound_max = max(bound_max, float(min_dist[near].max()))
+                far = ~near
+                active, min_dist = active[far], min_dist[far]
+                pts, sq = points[active], sq_all[active]  # (A, P), (A,)
+                current = int(torch.argmax(min_dist))
+    return selected
+
+
+def _refresh(
+    points: torch.Tensor,
+    sq_all: torch.Tensor,
+    selected: np.ndarray,
+    rows: torch.Tensor,
+    bounds: torch.Tensor,
+    since: torch.Tensor,
+    threshold: float,
+    scratch: torch.Tensor,
+    chunk: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Bring dormant ``rows`` up to date with the ``selected`` centres, or below ``threshold``.
+
+    Each row's ``bounds`` is its squared distance to the first ``since`` centres. The newer
+    centres are visited ``chunk`` at a time in matrix products; a row stops as soon as its
+    bound falls below ``threshold`` (it stays dormant). Returns the rows with their new
+    bounds and ``since``: rows at or above ``threshold`` have seen every centre.
+    """
+    order = torch.argsort(since)
+    rows, bounds, since = rows[order], bounds[order].clone(), since[order].clone()
+    live = torch.arange(len(rows))  # positions still above threshold, in ``since`` order
+    for start in range(int(since[0]) if len(rows) else len(selected), len(selected), chunk):
+        stop = min(len(selected), start + chunk)
+        n_due = int(torch.searchsorted(since[live], stop))  # rows that have not seen all of them
+        if n_due == 0:
+            continue
+        due = live[:n_due]
+        centres = torch.from_numpy(selected[start:stop])
+        bounds[due] = torch.minimum(bounds[due], _min_sq_dist(points, sq_all, rows[due], centres, scratch))
+        since[due] = stop
+        live = torch.cat([due[bounds[due] >= threshold], live[n_due:]])
+    return rows, bounds, since
+
+
+def _min_sq_dist(
+    points: torch.Tensor, sq_all: torch.Tensor, rows: torch.Tensor, centres: torch.Tensor, scratch: torch.Tensor
+) -> torch.Tensor:
+    """Squared distance from each of ``points[rows]`` to its nearest of ``points[centres]``."""
+    c = points[centres]  # (C, P)
+    c_sq = sq_all[centres]  # (C,)
+    out = torch.empty(len(rows))
+    step = max(1, len(scratch) // len(centres))
+    for start in range(0, len(rows), step):
+        block = rows[start : start + step]
+        d = scratch[: len(block) * len(centres)].view(len(block), len(centres))
+        torch.addmm(c_sq.unsqueeze(0), points[block], c.T, alpha=-2.0, out=d)  # (B, C)
+        torch.amin(d, dim=1, out=out[start : start + len(block)])
+    return out.add_(sq_all[rows]).clamp_min_(0.0)
+
+
+class _Progress:
+    """Reports finished centres to ``callback`` in about a hundred steps."""
+
+    def __init__(self, total: int, callback: Callable[[int], None] | None) -> None:
+        self.total, self.callback, self.done = total, callback, 0
+        self.every = max(1, total // 100)
+
+    def step(self) -> None:
+        self.done += 1
+        if self.callback is not None and (self.done % self.every == 0 or self.done == self.total):
+            self.callback(self.every if self.done % self.every == 0 else self.done % self.every)
+
+
+def covering_radius(features: np.ndarray, centres: np.ndarray, *, chunk: int = 65536) -> float:
     """Largest distance from any feature to its nearest centre (the k-center objective).
 
     Args:
-        features: ``(N, D)`` float32.
-        centres: ``(K, D)`` float32.
+        features: ``(N, D)`` float32 or float16 (may be a memory map).
+        centres: ``(K, D)``.
     """
-    c = torch.from_numpy(np.ascontiguousarray(centres, np.float32))
-    c_sq = (c * c).sum(dim=1)
+    import faiss
+
+    index = faiss.IndexFlatL2(centres.shape[1])
+    index.add(np.ascontiguousarray(centres, dtype=np.float32))
     worst = 0.0
     for start in range(0, len(features), chunk):
-        x = torch.from_numpy(np.array(features[start : start + chunk], dtype=np.float32))
-        d = (x * x).sum(dim=1, keepdim=True) - 2.0 * x @ c.T + c_sq  # (n, K)
-        worst = max(worst, float(d.min(dim=1).values.clamp_min(0).max()))
-    return math.sqrt(worst)
+        block = np.ascontiguousarray(features[start : start + chunk], dtype=np.float32)
+        dist_sq, _ = index.search(block, 1)
+        worst = max(worst, float(dist_sq.max()))
+    return math.sqrt(max(worst, 0.0))

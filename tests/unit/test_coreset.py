@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from pipeline.coreset import coreset_size, covering_radius, greedy_coreset, greedy_coreset_naive
+import pipeline.coreset as coreset_module
+from pipeline.coreset import coreset_size, covering_radius, greedy_coreset, greedy_coreset_naive, project
 
 
 def _clustered(n: int, dim: int = 32, seed: int = 0) -> np.ndarray:
@@ -45,23 +46,88 @@ def test_naive_matches_brute_force_greedy():
     assert got.tolist() == _brute_force_greedy(x.astype(np.float64), len(got), first)
 
 
-def test_two_stage_radius_close_to_naive_on_real_patches(mtd_dataset, extractor):
+@pytest.mark.parametrize("ratio", [0.002, 0.01, 0.05])
+def test_lazy_greedy_picks_the_naive_centres(ratio):
+    x = _clustered(6000, dim=48, seed=1)
+    got = greedy_coreset(x, ratio, shard_size=0, proj_dim=32)
+    want = greedy_coreset_naive(x, ratio, proj_dim=32)
+    assert got.tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("ratio", [0.01, 0.3])
+def test_each_lazy_pick_is_the_farthest_point(ratio):
+    x = _clustered(6000, dim=48, seed=1)
+    idx = greedy_coreset(x, ratio, shard_size=0, proj_dim=32)
+    p = project(x, 32, seed=0).double().numpy()  # the space the greedy works in
+    assert idx[0] == np.random.default_rng(0).integers(6000)
+    dist = ((p - p[idx[0]]) ** 2).sum(1)
+    for pick in idx[1:]:  # farthest from the centres before it, up to float32 rounding among near ties
+        assert dist[pick] >= dist.max() * (1 - 1e-5)
+        dist = np.minimum(dist, ((p - p[pick]) ** 2).sum(1))
+
+
+def test_lazy_greedy_matches_brute_force_greedy():
+    x = _clustered(3000, dim=16, seed=2)
+    got = greedy_coreset(x, 0.03, shard_size=0, proj_dim=64)  # proj_dim >= D: exact features
+    first = int(np.random.default_rng(0).integers(3000))
+    assert got.tolist() == _brute_force_greedy(x.astype(np.float64), len(got), first)
+
+
+@pytest.fixture(scope="module")
+def mtd_patches(mtd_dataset, extractor):
     from pipeline.datasets import load_images
 
     images = [img for _, img, _ in load_images(mtd_dataset.train[:40])]
-    feats, _ = extractor(images)  # (40, 28, 28, 152)
-    x = feats.reshape(-1, feats.shape[-1]).numpy()  # 31,360 real patch features
+    feats, _ = extractor(images)  # (40, h, w, D)
+    return feats.reshape(-1, feats.shape[-1]).numpy()  # (40 * h * w, D) real patch features
+
+
+def test_default_selection_is_the_naive_one_on_real_patches(mtd_patches):
+    x = mtd_patches
+    fast = greedy_coreset(x, 0.01)
+    slow = greedy_coreset_naive(x, 0.01)
+    assert set(fast.tolist()) == set(slow.tolist())
+
+
+def test_two_stage_radius_close_to_naive_on_real_patches(mtd_patches):
+    x = mtd_patches
     fast = greedy_coreset(x, 0.01, shard_size=2048)
     slow = greedy_coreset_naive(x, 0.01)
-    r_fast = covering_radius(x, x[fast])
-    r_slow = covering_radius(x, x[slow])
-    assert r_fast <= 1.05 * r_slow
+    assert covering_radius(x, x[fast]) <= 1.05 * covering_radius(x, x[slow])
 
 
-def test_duplicates_never_chosen_twice():
+def test_large_inputs_switch_to_two_stages(monkeypatch):
+    x = _clustered(3000)
+    sharded = greedy_coreset(x, 0.02, shard_size=500)
+    monkeypatch.setattr(coreset_module, "EXACT_LIMIT", 2999)
+    monkeypatch.setattr(coreset_module, "SHARD_SIZE", 500)
+    assert greedy_coreset(x, 0.02).tolist() == sharded.tolist()
+    monkeypatch.setattr(coreset_module, "EXACT_LIMIT", 3000)
+    assert greedy_coreset(x, 0.02).tolist() == greedy_coreset(x, 0.02, shard_size=0).tolist()
+
+
+@pytest.mark.parametrize("shard_size", [0, 500])
+def test_float16_memory_map_gives_the_float32_result(tmp_path, shard_size):
+    x16 = _clustered(3000).astype(np.float16)
+    np.save(tmp_path / "f.npy", x16)
+    mapped = np.load(tmp_path / "f.npy", mmap_mode="r")
+    got = greedy_coreset(mapped, 0.02, shard_size=shard_size)
+    assert got.tolist() == greedy_coreset(x16.astype(np.float32), 0.02, shard_size=shard_size).tolist()
+
+
+@pytest.mark.parametrize("shard_size", [0, 500])
+def test_progress_counts_every_centre(shard_size):
+    steps: list[int] = []
+    idx = greedy_coreset(_clustered(3000), 0.05, shard_size=shard_size, progress=steps.append)
+    assert sum(steps) == len(idx) == 150
+
+
+@pytest.mark.parametrize("shard_size", [0, 500])
+def test_duplicates_never_chosen_twice(shard_size):
     x = np.repeat(_clustered(50), 40, axis=0)  # 2000 rows, 50 distinct
-    idx = greedy_coreset(x, 0.05)
+    idx = greedy_coreset(x, 0.05, shard_size=shard_size)
     assert len(np.unique(idx)) == len(idx) == 100
+    assert len(np.unique(x[idx], axis=0)) == 50  # every distinct row is covered before any repeat
 
 
 def test_covering_radius_matches_numpy():
@@ -69,6 +135,7 @@ def test_covering_radius_matches_numpy():
     c = x[:7]
     expected = np.sqrt(((x[:, None, :] - c[None]) ** 2).sum(-1).min(1).max())
     assert covering_radius(x, c) == pytest.approx(expected, rel=1e-4)
+    assert covering_radius(x, c, chunk=64) == pytest.approx(expected, rel=1e-4)
 
 
 @pytest.mark.parametrize("ratio", [0.0, -0.1, 1.5])
