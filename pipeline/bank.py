@@ -191,8 +191,17 @@ def update_manifest(directory: str | Path, **fields: Any) -> dict[str, Any]:
     return manifest
 
 
-def load_bank(directory: str | Path, *, device: str | None = None) -> tuple[PatchCore, dict[str, Any]]:
+def load_bank(
+    directory: str | Path, *, device: str | None = None, runtime: str | None = None
+) -> tuple[PatchCore, dict[str, Any]]:
     """Load a bank, verifying every hash, the backbone weights included.
+
+    Args:
+        directory: the bank directory.
+        device: run the features on this device instead of the recorded one (a device
+            other than the CPU runs them with eager PyTorch unless ``runtime`` says otherwise).
+        runtime: ``"torch"`` or ``"onnx"`` instead of the recorded feature runtime (banks
+            written before the setting existed record none and default to ``"torch"``).
 
     Returns:
         The fitted model and its manifest.
@@ -203,6 +212,10 @@ def load_bank(directory: str | Path, *, device: str | None = None) -> tuple[Patc
     feature_values = dict(params["features"])
     if device is not None:
         feature_values["device"] = device
+        if device != "cpu" and runtime is None:
+            runtime = "torch"  # ONNX Runtime runs the features on the CPU only
+    if runtime is not None:
+        feature_values["runtime"] = runtime
     features = from_mapping(FeatureConfig, f"{directory}: params.features", feature_values)
     model = PatchCore(
         features,

@@ -3,6 +3,8 @@
 An image is resized to the network input (square squash or aspect-keeping letterbox),
 passed through the backbone, each level is averaged over its 3x3 neighbourhood, the deeper
 maps are bilinearly resized to the finest one and everything is concatenated per position.
+That computation is one module, :class:`PatchEmbedding`, run eagerly by PyTorch or, with
+``runtime="onnx"``, exported once and run by ONNX Runtime (see :mod:`pipeline.runtime`).
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch import nn
 
 from .backbone import Backbone, load_backbone
 from .config import FeatureConfig
+from .runtime import OnnxEmbedding
 
 _TF_MEAN, _TF_STD = 127.0, 128.0
 _IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
@@ -72,56 +76,49 @@ def prepare(image: np.ndarray, size: int, resize: str) -> tuple[np.ndarray, Plac
     return out, Placement(height, width, top, left, inner_h, inner_w)
 
 
-class FeatureExtractor:
-    """Backbone plus PatchCore's local aggregation.
+class PatchEmbedding(nn.Module):
+    """The whole feature computation as one module: normalise, backbone, aggregate, project.
+
+    Exported as is to ONNX by :mod:`pipeline.runtime`, so the eager and the ONNX paths run
+    the same graph.
 
     Args:
-        config: feature settings.
-        backbone: an already loaded backbone (tests pass tiny ones); built from ``config``
-            when omitted.
+        backbone: timm ``features_only`` model returning one map per level, finest first.
+        mean, std: per-channel normalisation of 0-255 pixels.
+        neighbourhood: side of the local average pooling window (odd).
+        projection: optional ``(D_in, D)`` float32 random projection.
+
+    Note:
+        The backbone runs in channels-last layout (its weights are converted in place):
+        oneDNN's depthwise and pointwise convolutions run EfficientNet-Lite 2-3x faster on
+        CPU in NHWC than in NCHW, and the features differ only by float rounding (max abs
+        diff ~1e-5 on values up to ~20).
     """
 
-    def __init__(self, config: FeatureConfig, backbone: Backbone | None = None) -> None:
-        self.config = config
-        self.backbone = backbone or load_backbone(config.backbone, config.levels, config.weights)
-        self.device = torch.device(config.device)
-        self.backbone.model.to(self.device)
-        if config.normalization == "tf":
-            mean, std = (_TF_MEAN,) * 3, (_TF_STD,) * 3
-        else:
-            mean, std = _IMAGENET_MEAN, _IMAGENET_STD
-        self._mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
-        self._std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
-        in_dim = sum(self.backbone.channels)
-        self._projection: torch.Tensor | None = None
-        if config.proj_dim is not None and config.proj_dim < in_dim:
-            generator = torch.Generator().manual_seed(0)
-            matrix = torch.randn(in_dim, config.proj_dim, generator=generator) / config.proj_dim**0.5
-            self._projection = matrix.to(self.device)
-        self.dim = config.proj_dim if self._projection is not None else in_dim
-        self.stride = self.backbone.strides[0]
-        self.grid = -(-config.image_size // self.stride)
+    mean: torch.Tensor
+    std: torch.Tensor
+    projection: torch.Tensor | None
 
-    def prepare_batch(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, list[Placement]]:
-        """Images to a ``(B, 3, S, S)`` uint8 tensor plus their placements."""
-        prepared = [prepare(img, self.config.image_size, self.config.resize) for img in images]
-        batch = np.stack([p[0] for p in prepared])  # (B, S, S, 3)
-        tensor = torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous()  # (B, 3, S, S)
-        return tensor, [p[1] for p in prepared]
+    def __init__(
+        self,
+        backbone: nn.Module,
+        mean: Sequence[float],
+        std: Sequence[float],
+        neighbourhood: int,
+        projection: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone.to(memory_format=torch.channels_last)
+        self.neighbourhood = neighbourhood
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("projection", projection)
 
-    @torch.inference_mode()
-    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Patch features of a prepared batch.
-
-        Args:
-            pixels: ``(B, 3, S, S)`` uint8 from :meth:`prepare_batch`.
-
-        Returns:
-            ``(B, h, w, D)`` float32 on the CPU, ``h = w = ceil(S / stride)``.
-        """
-        x = (pixels.to(self.device, torch.float32) - self._mean) / self._std
-        maps = self.backbone.model(x)
-        k = self.config.neighbourhood
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, S, S)`` uint8 pixels to ``(B, h, w, D)`` float32 patch features."""
+        x = (pixels.float() - self.mean) / self.std
+        maps = self.backbone(x.contiguous(memory_format=torch.channels_last))
+        k = self.neighbourhood
         pooled = [
             F.avg_pool2d(m, kernel_size=k, stride=1, padding=k // 2, count_include_pad=False)
             for m in maps
@@ -131,8 +128,67 @@ class FeatureExtractor:
             F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False) for m in pooled[1:]
         ]
         features = torch.cat(resized, dim=1).permute(0, 2, 3, 1)  # (B, C, h, w) -> (B, h, w, D)
-        if self._projection is not None:
-            features = features @ self._projection
+        if self.projection is not None:
+            features = features @ self.projection
+        return features
+
+
+class FeatureExtractor:
+    """Backbone plus PatchCore's local aggregation, run eagerly or through ONNX Runtime.
+
+    Args:
+        config: feature settings; ``config.runtime`` picks eager PyTorch or ONNX Runtime.
+        backbone: an already loaded backbone (tests pass tiny ones); built from ``config``
+            when omitted.
+
+    Attributes:
+        embedding: the :class:`PatchEmbedding` run eagerly (and exported for ONNX).
+        onnx: the ONNX Runtime embedding when ``config.runtime == "onnx"``, else None.
+        dim: feature dimension ``D``; grid: ``h = w``; stride: of the finest level.
+    """
+
+    def __init__(self, config: FeatureConfig, backbone: Backbone | None = None) -> None:
+        self.config = config
+        self.backbone = backbone or load_backbone(config.backbone, config.levels, config.weights)
+        self.device = torch.device(config.device)
+        if config.normalization == "tf":
+            mean, std = (_TF_MEAN,) * 3, (_TF_STD,) * 3
+        else:
+            mean, std = _IMAGENET_MEAN, _IMAGENET_STD
+        in_dim = sum(self.backbone.channels)
+        projection: torch.Tensor | None = None
+        if config.proj_dim is not None and config.proj_dim < in_dim:
+            generator = torch.Generator().manual_seed(0)
+            projection = torch.randn(in_dim, config.proj_dim, generator=generator) / config.proj_dim**0.5
+        self.embedding = PatchEmbedding(self.backbone.model, mean, std, config.neighbourhood, projection)
+        self.embedding.eval().to(self.device)
+        self.dim = config.proj_dim if projection is not None else in_dim
+        self.stride = self.backbone.strides[0]
+        self.grid = -(-config.image_size // self.stride)
+        self.onnx: OnnxEmbedding | None = None
+        if config.runtime == "onnx":
+            self.onnx = OnnxEmbedding.from_module(self.embedding, config, self.backbone.weights_sha256)
+
+    def prepare_batch(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, list[Placement]]:
+        """Images to a ``(B, 3, S, S)`` uint8 tensor plus their placements."""
+        prepared = [prepare(img, self.config.image_size, self.config.resize) for img in images]
+        batch = np.stack([p[0] for p in prepared])  # (B, S, S, 3)
+        tensor = torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous()  # (B, 3, S, S)
+        return tensor, [p[1] for p in prepared]
+
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Patch features of a prepared batch.
+
+        Args:
+            pixels: ``(B, 3, S, S)`` uint8 from :meth:`prepare_batch`.
+
+        Returns:
+            ``(B, h, w, D)`` float32 on the CPU, ``h = w = ceil(S / stride)``.
+        """
+        if self.onnx is not None:
+            return self.onnx(pixels)
+        with torch.inference_mode():
+            features = self.embedding(pixels.to(self.device))
         return features.float().cpu().contiguous()
 
     def __call__(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, list[Placement]]:

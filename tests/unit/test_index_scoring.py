@@ -21,6 +21,27 @@ def test_flat_search_matches_brute_force():
     np.testing.assert_allclose(dist, np.take_along_axis(full, expected, 1), rtol=1e-4)
 
 
+def test_flat_top1_of_many_queries_matches_faiss_and_brute_force(tmp_path):
+    # 600 queries take the GEMM path (>= 256); compare with faiss itself and with numpy.
+    bank, queries = _bank(2000, 40) * 5, _bank(600, 40, seed=3) * 5
+    index = NNIndex("flat").fit(bank)
+    dist, idx = index.search(queries, 1)
+    assert dist.shape == idx.shape == (600, 1) and dist.dtype == np.float32 and idx.dtype == np.int64
+    full = ((queries[:, None, :].astype(np.float64) - bank[None]) ** 2).sum(-1)
+    np.testing.assert_array_equal(idx[:, 0], full.argmin(1))
+    np.testing.assert_allclose(dist[:, 0], full.min(1), rtol=1e-5)
+    faiss_dist, faiss_idx = index.index_.search(queries, 1)
+    np.testing.assert_array_equal(idx, faiss_idx)
+    np.testing.assert_allclose(dist, faiss_dist, rtol=1e-5)
+    index.save(tmp_path)
+    loaded_dist, loaded_idx = NNIndex.load(tmp_path).search(queries, 1)
+    np.testing.assert_array_equal(loaded_idx, idx)
+    np.testing.assert_allclose(loaded_dist, dist, rtol=1e-6)
+    self_dist, self_idx = index.search(bank[:300], 1)  # a bank vector finds itself at distance ~0
+    np.testing.assert_array_equal(self_idx[:, 0], np.arange(300))
+    assert np.all(self_dist >= 0) and float(self_dist.max()) < 1e-3
+
+
 def test_index_save_load_round_trip(tmp_path):
     bank, queries = _bank(), _bank(10, seed=2)
     index = NNIndex("flat").fit(bank)
@@ -77,3 +98,26 @@ def test_anomaly_map_keeps_constant_and_location():
     assert abs(y - (5 + 0.5) * 8) <= 8 and abs(x - (20 + 0.5) * 8) <= 8
     flat = anomaly_maps(torch.full((1, 28, 28), 2.5), 224, 4.0)[0]
     assert torch.allclose(flat, torch.full_like(flat, 2.5), atol=1e-5)
+
+
+def _maps_by_convolution(grid, size, sigma):
+    """Upsample, reflect-pad and convolve on the full-size map: the direct reading of Sec. 3.3."""
+    maps = torch.nn.functional.interpolate(grid[:, None], size=(size, size), mode="bilinear", align_corners=False)
+    if sigma > 0:
+        kernel = gaussian_kernel(sigma)
+        r = len(kernel) // 2
+        maps = torch.nn.functional.pad(maps, (r, r, r, r), mode="reflect")
+        maps = torch.nn.functional.conv2d(maps, kernel.view(1, 1, 1, -1))
+        maps = torch.nn.functional.conv2d(maps, kernel.view(1, 1, -1, 1))
+    return maps[:, 0]
+
+
+@pytest.mark.parametrize(
+    ("h", "w", "size", "sigma"), [(28, 28, 224, 4.0), (20, 28, 160, 4.0), (28, 28, 224, 0.0), (7, 9, 64, 1.5)]
+)
+def test_anomaly_maps_equal_upsample_then_blur(h, w, size, sigma):
+    grid = torch.from_numpy(np.random.default_rng(0).gamma(2.0, 5.0, size=(3, h, w)).astype(np.float32))
+    ref = _maps_by_convolution(grid, size, sigma)
+    got = anomaly_maps(grid, size, sigma)
+    assert got.shape == ref.shape == (3, size, size)
+    assert float((got - ref).abs().max()) <= 1e-5 * float(ref.abs().max())

@@ -1,0 +1,126 @@
+"""The ONNX Runtime feature path against eager PyTorch on real MTD tiles, and its export cache."""
+
+import dataclasses
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.backbone import sha256_file
+from pipeline.config import ConfigError, CoresetConfig, FeatureConfig
+from pipeline.datasets import load_images
+from pipeline.features import FeatureExtractor
+from pipeline.model import PatchCore
+from pipeline.runtime import OnnxEmbedding, cache_key, export_settings
+
+#: max |onnx - torch| over all features, relative to max |torch| (observed ~1.5e-6: float
+#: rounding of fused convolutions; features reach ~20 on MTD tiles).
+FEATURE_RTOL = 2e-5
+#: image scores and map values, relative (observed ~1e-6).
+SCORE_RTOL = 1e-3
+
+
+@pytest.fixture(scope="module")
+def onnx_extractor(tmp_path_factory, extractor):
+    """The default extractor run through ONNX Runtime, its export cached in a temp dir."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRACEBANK_CACHE", str(tmp_path_factory.mktemp("tracebank-cache")))
+        yield FeatureExtractor(dataclasses.replace(extractor.config, runtime="onnx"), backbone=extractor.backbone)
+
+
+@pytest.fixture(scope="module")
+def mtd_tiles(mtd_dataset):
+    """8 real test tiles: 4 good, 4 defective."""
+    return [img for _, img, _ in load_images(mtd_dataset.subset(None, 8, seed=0).test)]
+
+
+def test_onnx_features_match_torch_on_real_tiles(extractor, onnx_extractor, mtd_tiles):
+    assert onnx_extractor.onnx is not None and onnx_extractor.onnx.model.status == "exported"
+    pixels, _ = extractor.prepare_batch(mtd_tiles)
+    ref = extractor.embed(pixels)
+    got = onnx_extractor.embed(pixels)
+    assert got.shape == ref.shape == (8, 28, 28, 152) and got.dtype == torch.float32
+    scale = float(ref.abs().max())
+    assert float((got - ref).abs().max()) <= FEATURE_RTOL * scale
+    single = onnx_extractor.embed(pixels[:1])  # the batch axis is dynamic
+    assert float((single[0] - ref[0]).abs().max()) <= FEATURE_RTOL * scale
+
+
+def test_onnx_scores_and_maps_match_and_rank_identically(mtd_dataset, extractor, onnx_extractor):
+    train = [img for _, img, _ in load_images(mtd_dataset.train[:20])]
+    model = PatchCore(extractor.config, CoresetConfig(ratio=0.05), extractor=extractor).fit([train[:10], train[10:]])
+    onnx_model = PatchCore(onnx_extractor.config, model.coreset, model.scoring, extractor=onnx_extractor)
+    onnx_model.set_bank(model.memory_bank_, model.index_)
+    test = [img for _, img, _ in load_images(mtd_dataset.subset(None, 16, seed=2).test)]
+    ref, got = model.predict(test), onnx_model.predict(test)
+    np.testing.assert_allclose(got.scores, ref.scores, rtol=SCORE_RTOL)
+    np.testing.assert_array_equal(np.argsort(got.scores), np.argsort(ref.scores))
+    for a, b in zip(got.maps, ref.maps, strict=True):
+        assert a.shape == b.shape and np.abs(a - b).max() <= SCORE_RTOL * np.abs(b).max()
+
+
+def test_tampered_cache_file_is_detected_and_rebuilt(tmp_path, extractor, caplog):
+    config = dataclasses.replace(extractor.config, image_size=64, runtime="onnx")
+    sha = extractor.backbone.weights_sha256
+
+    def open_cached() -> OnnxEmbedding:
+        return OnnxEmbedding.from_module(extractor.embedding, config, sha, directory=tmp_path)
+
+    first = open_cached()
+    assert first.model is not None and first.model.status == "exported"
+    path, record_path = first.model.path, first.model.path.with_suffix(".json")
+    assert json.loads(record_path.read_text())["sha256"] == sha256_file(path)
+    assert open_cached().model.status == "hit"
+
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte inside the weights
+    path.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="pipeline.runtime"):
+        rebuilt = open_cached()
+    assert rebuilt.model.status == "rebuilt" and "exporting it again" in caplog.text
+    assert json.loads(record_path.read_text())["sha256"] == sha256_file(path) == rebuilt.model.sha256
+
+    pixels = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    with torch.inference_mode():
+        ref = extractor.embedding(pixels)
+    assert float((rebuilt(pixels) - ref).abs().max()) <= FEATURE_RTOL * float(ref.abs().max())
+
+    path.write_bytes(path.read_bytes()[:4096])  # truncated
+    assert open_cached().model.status == "rebuilt"
+    record_path.unlink()  # record lost: the file cannot be trusted either
+    assert open_cached().model.status == "rebuilt"
+    assert open_cached().model.status == "hit"
+
+
+def test_cache_key_follows_everything_that_changes_the_graph():
+    base = export_settings(FeatureConfig(), "a" * 64)
+    keys = {
+        cache_key(base),
+        cache_key(export_settings(FeatureConfig(), "b" * 64)),
+        cache_key(export_settings(FeatureConfig(image_size=256), "a" * 64)),
+        cache_key(export_settings(FeatureConfig(proj_dim=64), "a" * 64)),
+        cache_key(export_settings(FeatureConfig(levels=(1, 2)), "a" * 64)),
+    }
+    assert len(keys) == 5
+    assert cache_key(export_settings(FeatureConfig(resize="letterbox"), "a" * 64)) == cache_key(base)
+
+
+def test_wrong_pixels_are_refused(onnx_extractor):
+    with pytest.raises(ValueError, match=r"expects \(B, 3, 224, 224\) uint8"):
+        onnx_extractor.embed(torch.zeros(1, 3, 224, 224))
+    with pytest.raises(ValueError, match="uint8 pixels"):
+        onnx_extractor.embed(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"runtime": "tensorrt"}, "features.runtime must be 'torch' or 'onnx'"),
+        ({"runtime": "onnx", "device": "cuda"}, "runs on the CPU only"),
+    ],
+)
+def test_runtime_setting_is_validated(values, message):
+    with pytest.raises(ConfigError, match=message):
+        FeatureConfig(**values)
