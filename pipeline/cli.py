@@ -58,6 +58,7 @@ def _feature_config(args: argparse.Namespace) -> FeatureConfig:
         "resize": args.resize,
         "normalization": args.normalization,
         "device": args.device,
+        "runtime": args.runtime or ("onnx" if args.device == "cpu" else "torch"),
     }
     if args.backbone != "tf_efficientnet_lite0" and args.normalization == "tf" and not args.backbone.startswith("tf_"):
         values["normalization"] = "imagenet"
@@ -346,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--size", type=int, default=defaults.image_size)
     fit.add_argument("--resize", default=defaults.resize, choices=["squash", "letterbox"])
     fit.add_argument("--normalization", default=defaults.normalization, choices=["tf", "imagenet"])
+    fit.add_argument("--runtime", choices=["onnx", "torch"],
+                     help="feature runtime: onnx (ONNX Runtime, CPU; the default there) or torch (eager)")
     fit.add_argument("--ratio", type=float, default=CoresetConfig().ratio, help="coreset ratio in (0, 1]")
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--neighbors", type=int, default=ScoringConfig().num_neighbors)

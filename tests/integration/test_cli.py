@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.conftest import REPO
@@ -30,6 +31,19 @@ def test_fit_writes_a_bank_with_threshold(bank):
     assert (out / "manifest.json").is_file()
     assert result["n_train"] == 40 and result["bank_size"] > 0
     assert result["threshold"]["method"] == "f1_optimal"
+
+
+def test_cpu_fit_runs_onnx_and_the_bank_scores_the_same_eagerly(bank, elpv_mono):
+    from pipeline.bank import load_bank
+    from pipeline.datasets import load_images
+
+    out, _ = bank
+    fast, manifest = load_bank(out)
+    assert manifest["params"]["features"]["runtime"] == "onnx" and fast.extractor.onnx is not None
+    eager, _ = load_bank(out, runtime="torch")
+    assert eager.extractor.onnx is None
+    images = [img for _, img, _ in load_images(elpv_mono.test[:8])]
+    np.testing.assert_allclose(fast.predict(images).scores, eager.predict(images).scores, rtol=1e-3)
 
 
 def test_evaluate_json_keys(bank):
