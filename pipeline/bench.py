@@ -2,6 +2,7 @@
 
     python -m pipeline.bench                       # all datasets, default settings
     python -m pipeline.bench --data elpv:mono --size 320 --resize letterbox
+    python -m pipeline.bench --coreset --cache /tmp/mtd_feats   # naive vs fast coreset on MTD
 
 Each dataset runs in its own process so that its peak RSS is its own. Prints a table and,
 with ``--json``, one JSON object per dataset.
@@ -44,15 +45,12 @@ def run_one(spec: str, args: argparse.Namespace) -> dict[str, Any]:
 
     from .bank import load_bank
     from .cli import fit_bank
-    from .config import CoresetConfig, FeatureConfig, ScoringConfig
+    from .config import CoresetConfig, ScoringConfig
     from .datasets import load_images, open_dataset
     from .evaluation import evaluate
 
-    torch.set_num_threads(os.cpu_count() or 1)
-    features = FeatureConfig(
-        backbone=args.backbone, image_size=args.size, resize=args.resize, levels=tuple(args.levels),
-        normalization="tf" if args.backbone.startswith("tf_") else "imagenet",
-    )
+    torch.set_num_threads(args.threads)
+    features = _feature_config(args)
     coreset = CoresetConfig(ratio=args.ratio)
     scoring = ScoringConfig(num_neighbors=args.neighbors)
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,29 +86,132 @@ def run_one(spec: str, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+CORESET_COLUMNS = (
+    ("method", "{}"),
+    ("seconds", "{:.1f}"),
+    ("speedup", "{:.1f}x"),
+    ("radius", "{:.3f}"),
+    ("radius_ratio", "{:.4f}"),
+    ("shared_centres", "{:.3f}"),
+    ("image_auroc", "{:.3f}"),
+    ("pixel_auroc", "{:.3f}"),
+    ("pro", "{:.3f}"),
+)
+
+
 def coreset_comparison(spec: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Naive greedy against the two-stage coreset on the same stored features."""
+    """Naive greedy against the lazy (default) and two-stage coresets on the same stored features.
+
+    All selections run back to back in this process on one machine state. Covering radii
+    are measured on the full stored features; each distinct bank is then evaluated on the
+    test split (unless ``--no-eval``). The last row selects from the features rounded to
+    float16, as ``extract_features(..., dtype="float16")`` stores them.
+    """
     import tempfile
 
-    from .config import FeatureConfig
-    from .coreset import covering_radius, greedy_coreset, greedy_coreset_naive
-    from .datasets import open_dataset
-    from .features import FeatureExtractor
-    from .stages import extract_features
+    import torch
 
-    with tempfile.TemporaryDirectory() as tmp:
-        features = FeatureConfig(image_size=args.size, resize=args.resize, levels=tuple(args.levels))
-        store = extract_features(open_dataset(spec).train, FeatureExtractor(features), tmp)
-        x = store.array()
-        row: dict[str, Any] = {"dataset": spec, "patches": int(len(x)), "ratio": args.ratio}
-        for name, func in (("two_stage", greedy_coreset), ("naive", greedy_coreset_naive)):
+    from .coreset import SHARD_SIZE, covering_radius, greedy_coreset, greedy_coreset_naive
+    from .datasets import open_dataset
+
+    torch.set_num_threads(args.threads)
+    dataset = open_dataset(spec)
+    config = _feature_config(args)
+    with tempfile.TemporaryDirectory(prefix="tracebank-bench-") as tmp:
+        store, extract_s = _cached_features(dataset.train, config, Path(args.cache or tmp))
+        x = store.array()  # (N, D) memory map
+        x16 = np.asarray(x, dtype=np.float16)
+        methods: list[tuple[str, Any, np.ndarray]] = [
+            ("lazy (default)", greedy_coreset, x),
+            ("naive", greedy_coreset_naive, x),
+            (f"two-stage (shard {SHARD_SIZE})", lambda f, r: greedy_coreset(f, r, shard_size=SHARD_SIZE), x),
+            ("lazy, float16 store", greedy_coreset, x16),
+        ]
+        load_before = os.getloadavg()
+        rows: list[dict[str, Any]] = []
+        picks: dict[str, np.ndarray] = {}
+        for name, func, feats in methods:
             start = time.perf_counter()
-            idx = func(x, args.ratio)
-            row[f"{name}_s"] = time.perf_counter() - start
-            row[f"{name}_radius"] = covering_radius(x, np.asarray(x[np.sort(idx)], np.float32))
-        row["speedup"] = row["naive_s"] / row["two_stage_s"]
-        row["radius_ratio"] = row["two_stage_radius"] / row["naive_radius"]
-        return row
+            idx = func(feats, args.ratio)
+            seconds = time.perf_counter() - start
+            picks[name] = idx
+            bank = np.asarray(feats[np.sort(idx)], dtype=np.float32)
+            rows.append({"method": name, "seconds": seconds, "radius": covering_radius(x, bank), "bank": bank})
+        load_after = os.getloadavg()
+        naive = rows[1]
+        for row in rows:
+            row["speedup"] = naive["seconds"] / row["seconds"]
+            row["radius_ratio"] = row["radius"] / naive["radius"]
+            row["shared_centres"] = len(np.intersect1d(picks[row["method"]], picks["naive"])) / len(picks["naive"])
+        if not args.no_eval and dataset.test:
+            _evaluate_banks(rows, dataset, config, args)
+    for row in rows:
+        del row["bank"]
+    return {
+        "dataset": spec, "patches": int(len(x)), "dim": int(x.shape[1]), "ratio": args.ratio, "threads": args.threads,
+        "bank_size": len(picks["naive"]), "extract_s": extract_s,
+        "load_average_before": load_before, "load_average_after": load_after, "methods": rows,
+    }
+
+
+def _feature_config(args: argparse.Namespace) -> Any:
+    from .config import FeatureConfig
+
+    return FeatureConfig(
+        backbone=args.backbone, image_size=args.size, resize=args.resize, levels=tuple(args.levels),
+        normalization="tf" if args.backbone.startswith("tf_") else "imagenet",
+    )
+
+
+def _cached_features(samples: list[Any], config: Any, directory: Path) -> tuple[Any, float | None]:
+    """Training features in ``directory``, extracted unless it holds them for these images and
+    settings; returns the store and the extraction seconds (None when reused)."""
+    from .config import to_dict
+    from .features import FeatureExtractor
+    from .stages import FeatureStore, extract_features
+
+    key = {"settings": to_dict(config), "images": [s.path for s in samples]}
+    key_file = directory / "bench_key.json"
+    if key_file.is_file() and json.loads(key_file.read_text()) == key:
+        return FeatureStore.open(directory), None
+    start = time.perf_counter()
+    store = extract_features(samples, FeatureExtractor(config), directory)
+    key_file.write_text(json.dumps(key))
+    return store, time.perf_counter() - start
+
+
+def _evaluate_banks(rows: list[dict[str, Any]], dataset: Any, config: Any, args: argparse.Namespace) -> None:
+    """Image AUROC, pixel AUROC and PRO of each row's bank (a bank equal to an earlier one
+    reuses its figures)."""
+    from .config import CoresetConfig, ScoringConfig
+    from .evaluation import evaluate
+    from .features import FeatureExtractor
+    from .model import PatchCore
+
+    extractor = FeatureExtractor(config)
+    done: list[dict[str, Any]] = []
+    for row in rows:
+        same = next((d for d in done if np.array_equal(d["bank"], row["bank"])), None)
+        if same is None:
+            model = PatchCore(config, CoresetConfig(ratio=args.ratio), ScoringConfig(num_neighbors=args.neighbors),
+                              extractor=extractor)
+            model.set_bank(row["bank"])
+            metrics = evaluate(model, dataset.test, batch_size=16, keep_maps=False).metrics
+            same = {"bank": row["bank"], **{k: metrics[k] for k in ("image_auroc", "pixel_auroc", "pro")}}
+            done.append(same)
+        row.update({k: same[k] for k in ("image_auroc", "pixel_auroc", "pro")})
+
+
+def print_coreset_table(result: dict[str, Any]) -> None:
+    print(f"{result['dataset']}: {result['patches']} patch features x {result['dim']}, ratio {result['ratio']}, "
+          f"bank {result['bank_size']}, {result['threads']} torch thread(s); "
+          f"load average {result['load_average_before'][0]:.2f} before, "
+          f"{result['load_average_after'][0]:.2f} after the selections")
+    cells = [[k for k, _ in CORESET_COLUMNS]]
+    cells += [["-" if r.get(k) is None else f.format(r[k]) for k, f in CORESET_COLUMNS] for r in result["methods"]]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(CORESET_COLUMNS))]
+    for line in cells:
+        print("  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)))
 
 
 def _format(row: dict[str, Any]) -> list[str]:
@@ -134,11 +235,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ratio", type=float, default=0.01)
     parser.add_argument("--neighbors", type=int, default=9)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="torch threads (1 is faster when other jobs share the cores)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
-    parser.add_argument("--coreset", action="store_true", help="compare naive and two-stage coreset on MTD")
+    parser.add_argument("--coreset", action="store_true", help="compare the naive and the fast coresets on MTD")
+    parser.add_argument("--cache", help="with --coreset: keep the training features in this folder between runs")
+    parser.add_argument("--no-eval", action="store_true", help="with --coreset: skip AUROC/PRO of each bank")
     args = parser.parse_args(argv)
     if args.coreset:
-        print(json.dumps(coreset_comparison((args.data or [DEFAULT_DATASETS[0]])[0], args), indent=1))
+        result = coreset_comparison((args.data or [DEFAULT_DATASETS[0]])[0], args)
+        print_coreset_table(result)
+        if args.json:
+            print(json.dumps(result))
         return 0
     if args.one:
         print(json.dumps(run_one(args.one, args)))
