@@ -209,7 +209,8 @@ def make_session(model: bytes, threads: int | None = None) -> ort.InferenceSessi
 
     Args:
         model: serialised ONNX model.
-        threads: intra-op threads (default: :func:`available_cores`).
+        threads: intra-op threads (default: ``torch.get_num_threads()``, so that a process
+            or task that limits torch's threads limits these too).
 
     Note:
         Worker threads do not spin-wait after a run: in ``predict`` the faiss search runs
@@ -218,7 +219,7 @@ def make_session(model: bytes, threads: int | None = None) -> ort.InferenceSessi
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.intra_op_num_threads = threads or available_cores()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
