@@ -58,22 +58,25 @@ def prepare(image: np.ndarray, size: int, resize: str) -> tuple[np.ndarray, Plac
         like the nearest nominal texture and does not light up the anomaly map; the map is
         cropped back to the content box anyway.
     """
-    if image.ndim == 2:
-        image = np.repeat(image[:, :, None], 3, axis=2)
     height, width = image.shape[:2]
-    pil = Image.fromarray(image)
+    pil = Image.fromarray(image)  # a grey image is resized once, not once per channel
     if resize == "squash":
-        out = np.asarray(pil.resize((size, size), Image.Resampling.BILINEAR))
+        out = _three_channels(np.asarray(pil.resize((size, size), Image.Resampling.BILINEAR)))
         return out, Placement(height, width, 0, 0, size, size)
     scale = size / max(height, width)
     inner_w = max(1, min(size, round(width * scale)))
     inner_h = max(1, min(size, round(height * scale)))
-    inner = np.asarray(pil.resize((inner_w, inner_h), Image.Resampling.BILINEAR))
+    inner = _three_channels(np.asarray(pil.resize((inner_w, inner_h), Image.Resampling.BILINEAR)))
     top, left = (size - inner_h) // 2, (size - inner_w) // 2
     out = np.pad(
         inner, ((top, size - inner_h - top), (left, size - inner_w - left), (0, 0)), mode="edge"
     )
     return out, Placement(height, width, top, left, inner_h, inner_w)
+
+
+def _three_channels(image: np.ndarray) -> np.ndarray:
+    """``(H, W)`` grey to ``(H, W, 3)`` by repetition; colour passes through."""
+    return image if image.ndim == 3 else np.repeat(image[:, :, None], 3, axis=2)
 
 
 class PatchEmbedding(nn.Module):

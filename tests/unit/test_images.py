@@ -86,3 +86,22 @@ def test_other_modes_become_rgb_or_gray(mode):
     fmt = "JPEG" if mode == "CMYK" else "PNG"
     out = decode_image(_encode(img, fmt))
     assert out.dtype == np.uint8 and out.shape[:2] == (30, 40)
+
+
+@pytest.mark.parametrize("resize", ["squash", "letterbox"])
+def test_grey_tile_prepares_as_its_three_channel_copy(mtd_dataset, resize):
+    # Grey images are resized once and then repeated; the input must equal that of the
+    # same picture stored as RGB, and letterboxing must keep the content box.
+    from pipeline.features import prepare
+
+    grey = read_image(mtd_dataset.test[3].path)
+    assert grey.ndim == 2
+    rgb = np.repeat(grey[:, :, None], 3, axis=2)
+    out_grey, place_grey = prepare(grey, 224, resize)
+    out_rgb, place_rgb = prepare(rgb, 224, resize)
+    assert out_grey.shape == (224, 224, 3) and out_grey.dtype == np.uint8
+    np.testing.assert_array_equal(out_grey, out_rgb)
+    assert place_grey == place_rgb
+    if resize == "letterbox":
+        assert max(place_grey.inner_h, place_grey.inner_w) == 224
+        assert min(place_grey.inner_h, place_grey.inner_w) < 224  # MTD tiles are not square
