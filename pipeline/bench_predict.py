@@ -150,6 +150,7 @@ def speed(
     out["onnx_vs_channels_last_backbone"] = out["onnx_predict_ips"] / out["eager_backbone_channels_last_ips"]
     out["stages_torch_s"] = stage_times(torch_model, blobs, batch)
     out["stages_onnx_s"] = stage_times(onnx_model, blobs, batch)
+    out["knn_pruning"] = onnx_model.index_.pruning()
     return out
 
 
@@ -184,6 +185,10 @@ def _print_report(result: dict[str, Any]) -> None:
     print(f"  onnx predict / channels-last backbone  {s['onnx_vs_channels_last_backbone']:8.2f} x")
     print(f"batch-1 latency, runtime torch (median)  {s['torch_b1_ms']:8.1f} ms")
     print(f"batch-1 latency, runtime onnx (median)   {s['onnx_b1_ms']:8.1f} ms")
+    pruning = s.get("knn_pruning")
+    if pruning:
+        print(f"exact kNN: bound on {pruning['axes']:.0f} principal axes; full distances computed "
+              f"for {100 * pruning['kept']:.1f}% of the bank per block of queries")
     for name in ("torch", "onnx"):
         parts = ", ".join(f"{k} {1000 * v:.0f}" for k, v in s[f"stages_{name}_s"].items())
         print(f"ms per batch of {result['batch']}, {name:5s}: {parts}")

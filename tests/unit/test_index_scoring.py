@@ -121,3 +121,43 @@ def test_anomaly_maps_equal_upsample_then_blur(h, w, size, sigma):
     got = anomaly_maps(grid, size, sigma)
     assert got.shape == ref.shape == (3, size, size)
     assert float((got - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+
+
+def test_pruned_top1_search_is_exact_on_real_patch_features(small_mtd_model, mtd_dataset):
+    # A real bank (150 MTD tiles, 5% coreset) and every patch of 12 real test tiles: the search
+    # must skip most of the bank and still return the true nearest vector of every patch.
+    from pipeline.datasets import load_images
+    from pipeline.index import Top1Search
+
+    bank = small_mtd_model.memory_bank_
+    tiles = [img for _, img, _ in load_images(mtd_dataset.subset(None, 12, seed=5).test)]
+    feats, _ = small_mtd_model.extractor(tiles)
+    queries = feats.reshape(-1, bank.shape[1]).numpy()
+    search = Top1Search(bank)
+    dist, idx = search(queries)
+    assert search.k > 0 and search.kept / (search.blocks * len(bank)) < 0.5
+
+    exact = np.empty((len(queries), len(bank)))
+    for start in range(0, len(queries), 1024):
+        diff = queries[start : start + 1024, None, :].astype(np.float64) - bank[None].astype(np.float64)
+        exact[start : start + 1024] = (diff * diff).sum(-1)
+    best = exact.min(1)
+    chosen = exact[np.arange(len(queries)), idx[:, 0]]
+    # the chosen vector is the nearest, up to float32 ties (1e-5 relative)
+    assert np.all(chosen <= best * (1 + 1e-5) + 1e-6)
+    assert (idx[:, 0] == exact.argmin(1)).mean() > 0.999
+    # distances by the expansion ||q||^2 + ||b||^2 - 2 q.b in float32 (as faiss): norms of ~1e3
+    # leave ~1e-2 absolute rounding
+    np.testing.assert_allclose(dist[:, 0], best, rtol=1e-5, atol=1e-2)
+
+
+def test_pruned_top1_search_falls_back_where_no_axis_dominates():
+    # Isotropic features: the bound cannot prune, the search must still be exact.
+    from pipeline.index import Top1Search
+
+    bank, queries = _bank(3000, 96, seed=4), _bank(700, 96, seed=5)
+    search = Top1Search(bank)
+    _, idx = search(queries)
+    full = ((queries[:, None, :].astype(np.float64) - bank[None]) ** 2).sum(-1)
+    np.testing.assert_array_equal(idx[:, 0], full.argmin(1))
+    assert search.k == 0 or search.kept == search.blocks * len(bank)
