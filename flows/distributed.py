@@ -27,7 +27,7 @@ from prefect import flow, task
 
 from pipeline.bank import save_bank
 from pipeline.config import CoresetConfig, FeatureConfig
-from pipeline.coreset import coreset_size, greedy_coreset
+from pipeline.coreset import SHARD_SIZE, coreset_size, greedy_coreset, ratio_for, shard_candidates
 from pipeline.datasets import Sample, open_dataset
 from pipeline.model import PatchCore
 from pipeline.stages import FeatureStore, extract_features
@@ -49,13 +49,14 @@ def extract_shard(samples: list[Sample], features: FeatureConfig, directory: str
 
 @task
 def select_shard(shard: dict[str, Any], coreset: CoresetConfig, oversample: float, threads: int) -> str:
-    """First coreset stage on one shard: keep ``oversample`` times the shard's share."""
+    """First coreset stage on one shard: greedy over its sub-shards of ``SHARD_SIZE`` features,
+    each keeping ``oversample`` times its share (the first stage of the in-process selection)."""
     import torch
 
     torch.set_num_threads(threads)
     feats = FeatureStore.open(shard["directory"]).array()
-    idx = np.sort(greedy_coreset(feats, min(1.0, coreset.ratio * oversample), seed=coreset.seed,
-                                 proj_dim=coreset.proj_dim))
+    idx = shard_candidates(feats, coreset.ratio, seed=coreset.seed, proj_dim=coreset.proj_dim,
+                           shard_size=SHARD_SIZE, oversample=oversample)
     out = Path(shard["directory"]) / "candidates.npy"
     np.save(out, np.ascontiguousarray(feats[idx], dtype=np.float32), allow_pickle=False)
     return str(out)
@@ -89,8 +90,8 @@ def fit_distributed(
     stage1_s = time.perf_counter() - start
     rows = sum(s["rows"] for s in shard_info)
     target = coreset_size(rows, params.coreset.ratio)
-    ratio = min(1.0, target / len(candidates))
-    idx = np.sort(greedy_coreset(candidates, ratio, seed=params.coreset.seed, proj_dim=params.coreset.proj_dim))
+    keep = ratio_for(len(candidates), min(target, len(candidates)))
+    idx = np.sort(greedy_coreset(candidates, keep, seed=params.coreset.seed, proj_dim=params.coreset.proj_dim))
     model = PatchCore(params.features, params.coreset, params.scoring)
     model.set_bank(np.ascontiguousarray(candidates[idx]))
     shutil.rmtree(out, ignore_errors=True)
@@ -109,14 +110,30 @@ def fit_distributed(
 
 def on_dask(workers: int | None = None, address: str | None = None) -> Any:
     """``fit_distributed`` on a local Dask cluster of ``workers`` processes, or on the
-    cluster at ``address``."""
+    cluster at ``address``.
+
+    Note:
+        Task runs report to the flow's Prefect API. Workers of an existing cluster need
+        ``PREFECT_API_URL`` in their environment; a local cluster gets the address of this
+        process's API, which is started here first when none is configured (Prefect's
+        temporary server), so that each worker does not start a temporary server of its own.
+    """
+    from prefect.settings import PREFECT_API_URL
     from prefect_dask import DaskTaskRunner
 
     if address:
         runner = DaskTaskRunner(address=address)
     else:
+        api_url = PREFECT_API_URL.value()
+        if not api_url:
+            from prefect.server.api.server import SubprocessASGIServer
+
+            server = SubprocessASGIServer()  # the instance Prefect's own client then uses
+            server.start()
+            api_url = server.api_url
         runner = DaskTaskRunner(cluster_kwargs={"n_workers": workers or 2, "threads_per_worker": 1,
-                                                "processes": True, "dashboard_address": None})
+                                                "processes": True, "dashboard_address": None,
+                                                "env": {"PREFECT_API_URL": api_url}})
     return fit_distributed.with_options(task_runner=runner)
 
 

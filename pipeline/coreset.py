@@ -30,6 +30,16 @@ def coreset_size(n: int, ratio: float) -> int:
     return max(1, min(n, math.ceil(n * ratio)))
 
 
+def ratio_for(n: int, k: int) -> float:
+    """The ratio that keeps exactly ``k`` of ``n`` features (``ceil(n * (k / n))`` can be ``k + 1``)."""
+    if not 1 <= k <= n:
+        raise ValueError(f"cannot keep {k} of {n} features")
+    ratio = k / n
+    while coreset_size(n, ratio) > k:
+        ratio = math.nextafter(ratio, 0.0)
+    return ratio
+
+
 def project(
     features: np.ndarray, proj_dim: int, *, seed: int, rows: np.ndarray | None = None, chunk: int = 65536
 ) -> torch.Tensor:
@@ -113,15 +123,60 @@ def greedy_coreset(
     n_shards = n // shard_size if shard_size else 0
     if n_shards < 2 or oversample * k >= n / 2:
         return _lazy_greedy(project(features, proj_dim, seed=seed), k, first, progress)
+    picks = _shard_picks(features, k, n_shards, rng, proj_dim=proj_dim, seed=seed, oversample=oversample)
+    union = np.sort(np.concatenate(picks))  # (U,)
+    points = project(features, proj_dim, seed=seed, rows=union)  # (U, P)
+    return union[_lazy_greedy(points, k, int(np.searchsorted(union, picks[0][0])), progress)]
+
+
+def shard_candidates(
+    features: np.ndarray,
+    ratio: float,
+    *,
+    seed: int = 0,
+    proj_dim: int = 128,
+    shard_size: int = SHARD_SIZE,
+    oversample: float = 8.0,
+) -> np.ndarray:
+    """The first stage of the two-stage selection, alone: candidates from one part of the data.
+
+    A fit spread over machines (``flows/distributed.py``) runs this on each worker's part and
+    one greedy over the union of all parts' candidates, which composes as the two stages of
+    :func:`greedy_coreset` do.
+
+    Args:
+        features: ``(N, D)`` float32 or float16 (may be a memory map), one part of the data.
+        ratio: the final coreset ratio; each shard of ``shard_size`` points keeps ``oversample``
+            times its share of ``ratio``.
+
+    Returns:
+        Sorted int64 indices into ``features``; all of them when the candidates would be over
+        half the part anyway.
+    """
+    n = len(features)
+    if n == 0:
+        raise ValueError("cannot select coreset candidates from zero features")
+    k = coreset_size(n, ratio)
+    if oversample * k >= n / 2:
+        return np.arange(n, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    picks = _shard_picks(features, k, max(1, n // shard_size), rng, proj_dim=proj_dim, seed=seed,
+                         oversample=oversample)
+    return np.sort(np.concatenate(picks))
+
+
+def _shard_picks(
+    features: np.ndarray, k: int, n_shards: int, rng: np.random.Generator, *, proj_dim: int, seed: int,
+    oversample: float,
+) -> list[np.ndarray]:
+    """Stage one: ``n_shards`` random shards each keep ``oversample`` times their share of ``k``."""
     picks = []
-    for shard in np.array_split(rng.permutation(n), n_shards):
+    for shard in np.array_split(rng.permutation(len(features)), n_shards):
         shard.sort()  # sequential reads from a memory map
         k_shard = min(len(shard), math.ceil(oversample * k / n_shards))
         points = project(features, proj_dim, seed=seed, rows=shard)  # (S, P)
         picks.append(shard[_lazy_greedy(points, k_shard, int(rng.integers(len(shard))), None)])
-    union = np.sort(np.concatenate(picks))  # (U,)
-    points = project(features, proj_dim, seed=seed, rows=union)  # (U, P)
-    return union[_lazy_greedy(points, k, int(np.searchsorted(union, picks[0][0])), progress)]
+    return picks
 
 
 def greedy_coreset_naive(

@@ -96,6 +96,32 @@ def test_two_stage_radius_close_to_naive_on_real_patches(mtd_patches):
     assert covering_radius(x, x[fast]) <= 1.05 * covering_radius(x, x[slow])
 
 
+def test_candidates_of_parts_compose_like_the_two_stage_selection(mtd_patches):
+    # The distributed fit: each worker keeps candidates from its part, one greedy runs over
+    # their union. The bank must cover the patches nearly as well as one greedy over all.
+    from pipeline.coreset import ratio_for, shard_candidates
+
+    x = mtd_patches
+    half = len(x) // 2
+    parts = [np.arange(half), np.arange(half, len(x))]
+    union = np.concatenate([part[shard_candidates(x[part], 0.01, shard_size=2048)] for part in parts])
+    assert len(union) < len(x) / 5 and len(np.unique(union)) == len(union)
+    k = coreset_size(len(x), 0.01)
+    final = union[greedy_coreset(x[union], ratio_for(len(union), k))]
+    assert len(final) == k
+    slow = greedy_coreset_naive(x, 0.01)
+    assert covering_radius(x, x[final]) <= 1.05 * covering_radius(x, x[slow])
+
+
+def test_ratio_for_keeps_exactly_k():
+    from pipeline.coreset import ratio_for
+
+    # ceil(25 * (7 / 25)) is 8 in floating point; every pair up to 400 must give k exactly
+    assert all(coreset_size(n, ratio_for(n, k)) == k for n in range(1, 400) for k in range(1, n + 1))
+    with pytest.raises(ValueError, match="cannot keep 5 of 4"):
+        ratio_for(4, 5)
+
+
 def test_large_inputs_switch_to_two_stages(monkeypatch):
     x = _clustered(3000)
     sharded = greedy_coreset(x, 0.02, shard_size=500)
