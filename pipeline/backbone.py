@@ -15,6 +15,7 @@ import hashlib
 import importlib
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -155,7 +156,8 @@ def load_backbone(name: str, levels: tuple[int, ...], weights: str = "default") 
         full = timm.create_model(name, pretrained=use_hub)
     except Exception as exc:  # noqa: BLE001 - hub failures come in many types
         raise BackboneError(f"cannot create {name!r} with hub weights: {exc}") from exc
-    n_stages = len(full.feature_info) if hasattr(full, "feature_info") else 0
+    full_info: Any = getattr(full, "feature_info", None)  # timm's FeatureInfo (list-like)
+    n_stages = len(full_info) if full_info is not None else 0
     if n_stages and max(levels) >= n_stages:
         raise BackboneError(f"{name} has feature stages 0..{n_stages - 1}, got levels {levels}")
     if use_hub:
@@ -178,7 +180,7 @@ def load_backbone(name: str, levels: tuple[int, ...], weights: str = "default") 
         raise BackboneError(f"{name}: feature model keys missing from weights: {missing[:5]}")
     model.load_state_dict({k: state[k] for k in model.state_dict()}, strict=True)
     model.eval()
-    info = model.feature_info
+    info: Any = model.feature_info
     return Backbone(
         model=model,
         channels=tuple(info.channels()),

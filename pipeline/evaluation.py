@@ -62,7 +62,8 @@ def evaluate(
     masks: list[np.ndarray] = []
     for batch in batched(load_images(samples, report=report, with_masks=with_masks), batch_size):
         pred = model.predict([img for _, img, _ in batch], maps=keep_maps or with_masks)
-        for (sample, _, mask), amap in zip(batch, pred.maps or [None] * len(batch), strict=True):
+        batch_maps: list[np.ndarray | None] = list(pred.maps) if pred.maps else [None] * len(batch)
+        for (sample, _, mask), amap in zip(batch, batch_maps, strict=True):
             done.append(sample)
             if amap is not None and (keep_maps or (with_masks and (sample.label == 0 or sample.mask))):
                 maps.append(amap)

@@ -165,7 +165,7 @@ class FeatureExtractor:
             projection = torch.randn(in_dim, config.proj_dim, generator=generator) / config.proj_dim**0.5
         self.embedding = PatchEmbedding(self.backbone.model, mean, std, config.neighbourhood, projection)
         self.embedding.eval().to(self.device)
-        self.dim = config.proj_dim if projection is not None else in_dim
+        self.dim = in_dim if projection is None else int(projection.shape[1])
         self.stride = self.backbone.strides[0]
         self.grid = -(-config.image_size // self.stride)
         self.onnx: OnnxEmbedding | None = None

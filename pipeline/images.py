@@ -64,9 +64,10 @@ def decode_image(
                 raise ImageError(
                     f"{source}: {width}x{height} is too small (each side must be >= {min_side} px)"
                 )
-            if getattr(image, "n_frames", 1) > 1:
+            frames = getattr(image, "n_frames", 1)
+            if frames > 1:
                 raise ImageError(
-                    f"{source}: animated or multi-page image with {image.n_frames} frames; "
+                    f"{source}: animated or multi-page image with {frames} frames; "
                     "send one still frame"
                 )
             image.load()

@@ -89,7 +89,7 @@ class NNIndex:
         self = cls(meta["kind"], nprobe=int(meta["nprobe"]))
         self.index_ = faiss.read_index(str(directory / "index.faiss"))
         if self.kind == "ivfpq":
-            self.index_.nprobe = self.nprobe
+            faiss.extract_index_ivf(self.index_).nprobe = self.nprobe
         else:
             self._top1 = Top1Search(self.index_.reconstruct_n(0, self.index_.ntotal))
         if int(self.index_.ntotal) != int(meta["ntotal"]):

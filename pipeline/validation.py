@@ -147,12 +147,12 @@ def run_suite(table: pd.DataFrame, config: ValidationConfig, out_dir: str | Path
     context = gx.get_context(mode="file", project_root_dir=str(out_dir))
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
     name = "tracebank_images"
-    for existing in list(context.checkpoints.all()):
-        context.checkpoints.delete(existing.name)
-    for existing in list(context.validation_definitions.all()):
-        context.validation_definitions.delete(existing.name)
-    for existing in list(context.suites.all()):
-        context.suites.delete(existing.name)
+    for old_checkpoint in list(context.checkpoints.all()):
+        context.checkpoints.delete(old_checkpoint.name)
+    for old_definition in list(context.validation_definitions.all()):
+        context.validation_definitions.delete(old_definition.name)
+    for old_suite in list(context.suites.all()):
+        context.suites.delete(old_suite.name)
     if name in [ds.name for ds in context.data_sources.all().values()]:
         context.data_sources.delete(name)
     asset = context.data_sources.add_pandas(name).add_dataframe_asset("metadata")
@@ -174,9 +174,10 @@ def run_suite(table: pd.DataFrame, config: ValidationConfig, out_dir: str | Path
             if item.success:
                 continue
             files = sorted({row["path"] for row in item.result.get("unexpected_index_list") or []})
+            expectation = item.expectation_config
             failures.append({
-                "expectation": item.expectation_config.type,
-                "column": item.expectation_config.kwargs.get("column"),
+                "expectation": expectation.type if expectation else "unknown",
+                "column": expectation.kwargs.get("column") if expectation else None,
                 "files": files,
             })
     docs = next(iter(sorted(out_dir.glob("**/data_docs/local_site/index.html"))), None)
