@@ -27,10 +27,10 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) -m pipeline.bench
+	$(PY) -m benchmarks.accuracy
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check pipeline flows serving tests
+	$(VENV)/bin/ruff check pipeline flows serving benchmarks tests
 	$(VENV)/bin/mypy pipeline
 
 clean:

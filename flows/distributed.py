@@ -25,13 +25,13 @@ from typing import Any
 import numpy as np
 from prefect import flow, task
 
-from pipeline.bank import save_bank
 from pipeline.config import CoresetConfig, FeatureConfig
-from pipeline.coreset import SHARD_SIZE, coreset_size, greedy_coreset, ratio_for, shard_candidates
-from pipeline.datasets import Sample, open_dataset
-from pipeline.model import PatchCore
-from pipeline.stages import FeatureStore, extract_features
-from pipeline.steps import Params
+from pipeline.data.datasets import Sample, open_dataset
+from pipeline.lifecycle.stages import FeatureStore, extract_features
+from pipeline.lifecycle.steps import Params
+from pipeline.patchcore.bank import save_bank
+from pipeline.patchcore.coreset import SHARD_SIZE, coreset_size, greedy_coreset, ratio_for, shard_candidates
+from pipeline.patchcore.model import PatchCore
 
 
 @task(retries=1, retry_delay_seconds=5)
@@ -40,7 +40,7 @@ def extract_shard(samples: list[Sample], features: FeatureConfig, directory: str
     """Patch features of one shard, streamed to ``directory`` on the worker."""
     import torch
 
-    from pipeline.features import FeatureExtractor
+    from pipeline.patchcore.features import FeatureExtractor
 
     torch.set_num_threads(threads)
     store = extract_features(samples, FeatureExtractor(features), directory, batch_size=batch_size)

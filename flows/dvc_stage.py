@@ -1,6 +1,6 @@
 """Entry point of the ``dvc.yaml`` stages: ``python -m flows.dvc_stage STAGE``.
 
-Each stage reads ``params.yaml`` and calls the same ``pipeline.steps`` function as the
+Each stage reads ``params.yaml`` and calls the same ``pipeline.lifecycle.steps`` function as the
 Prefect flow; outputs go to ``runs/``.
 """
 
@@ -11,20 +11,9 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline.datasets import open_dataset
-from pipeline.registry import Registry
-from pipeline.steps import (
-    Params,
-    ValidationFailed,
-    coreset_step,
-    dvc_data_hash,
-    evaluate_step,
-    extract_step,
-    gate_step,
-    production_metrics,
-    register_step,
-    validate_step,
-)
+from pipeline.data.datasets import open_dataset
+from pipeline.lifecycle import steps
+from pipeline.lifecycle.registry import Registry
 
 WORK = Path("runs")
 
@@ -34,28 +23,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("stage", choices=["validate", "extract", "coreset", "evaluate", "gate", "package"])
     parser.add_argument("--registry", default="banks")
     args = parser.parse_args(argv)
-    params = Params.load("params.yaml")
+    params = steps.Params.load("params.yaml")
     dataset = open_dataset(params.data)
     registry = Registry(args.registry)
     result: object
     if args.stage == "validate":
         try:
-            result = validate_step(dataset, params.validation, WORK).summary()
-        except ValidationFailed as exc:
+            result = steps.validate_step(dataset, params.validation, WORK).summary()
+        except steps.ValidationFailed as exc:
             print(exc, file=sys.stderr)
             return 1
     elif args.stage == "extract":
-        result = extract_step(dataset, params, WORK)
+        result = steps.extract_step(dataset, params, WORK)
     elif args.stage == "coreset":
-        result = coreset_step(params, WORK, params.data)
+        result = steps.coreset_step(params, WORK, params.data)
     elif args.stage == "evaluate":
-        result = evaluate_step(dataset, WORK, params)
+        result = steps.evaluate_step(dataset, WORK, params)
     elif args.stage == "gate":
-        result = gate_step(WORK, params, production_metrics(registry, dataset, params))
+        result = steps.gate_step(WORK, params, steps.production_metrics(registry, dataset, params))
     else:
         from serving.store import save_to_store
 
-        outcome = register_step(WORK, params, registry, data_hash=dvc_data_hash())
+        outcome = steps.register_step(WORK, params, registry, data_hash=steps.dvc_data_hash())
         if outcome["status"] == "candidate":
             outcome["model_tag"] = save_to_store(outcome["bank_dir"], registry.lineage(outcome["bank_id"]))
             registry.set_fields(outcome["bank_id"], model_tag=outcome["model_tag"])

@@ -22,10 +22,10 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from pipeline.datasets import Dataset, open_dataset
-from pipeline.importer import import_dataset
-from pipeline.registry import Registry
-from pipeline.steps import (
+from pipeline.data.datasets import Dataset, open_dataset
+from pipeline.data.importer import import_dataset
+from pipeline.lifecycle.registry import Registry
+from pipeline.lifecycle.steps import (
     Params,
     ValidationFailed,
     coreset_step,

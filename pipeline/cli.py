@@ -11,8 +11,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,15 +19,16 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .audit import AuditError
-from .bank import BankError, load_bank, save_bank
+from pipeline.data.datasets import DatasetError, open_dataset
+from pipeline.data.images import ImageError, read_image
+from pipeline.evaluation.evaluate import evaluate
+from pipeline.evaluation.overlay import heatmap_overlay
+from pipeline.lifecycle.audit import AuditError
+from pipeline.lifecycle.fitting import Progress, fit_bank
+from pipeline.lifecycle.registry import RegistryError
+from pipeline.patchcore.bank import BankError, load_bank
+
 from .config import ConfigError, CoresetConfig, FeatureConfig, ScoringConfig, from_mapping
-from .datasets import DatasetError, open_dataset
-from .evaluation import evaluate
-from .images import ImageError, read_image
-from .overlay import heatmap_overlay
-from .registry import RegistryError
-from .stages import FeatureStore, extract_features, training_record
 
 #: Exit status for errors in what the user asked (not bugs).
 USER_ERROR = 2
@@ -49,6 +48,11 @@ def _bar(total: int, desc: str, quiet: bool) -> tqdm:
     return tqdm(total=total, desc=desc, unit="img" if "imag" in desc else "it", disable=quiet, file=sys.stderr)
 
 
+def _progress(quiet: bool) -> Progress:
+    """A progress-bar factory for :func:`~pipeline.lifecycle.fitting.fit_bank`."""
+    return lambda total, desc: _bar(total, desc, quiet)
+
+
 def _feature_config(args: argparse.Namespace) -> FeatureConfig:
     values: dict[str, Any] = {
         "backbone": args.backbone,
@@ -65,74 +69,6 @@ def _feature_config(args: argparse.Namespace) -> FeatureConfig:
     return from_mapping(FeatureConfig, "command line", values)
 
 
-def fit_bank(
-    spec: str,
-    out: Path,
-    features: FeatureConfig,
-    coreset: CoresetConfig,
-    scoring: ScoringConfig,
-    *,
-    batch_size: int = 8,
-    quiet: bool = False,
-    evaluate_after: bool = True,
-    limit: int | None = None,
-) -> dict[str, Any]:
-    """Fit a bank on the nominal images of ``spec``, evaluate it on the test split when
-    there is one (to set the threshold), and save it to ``out``."""
-    from .model import PatchCore
-
-    dataset = open_dataset(spec)
-    if limit:
-        dataset = dataset.subset(limit, limit)
-    model = PatchCore(features, coreset, scoring)
-    timings: dict[str, float] = {}
-    with tempfile.TemporaryDirectory(prefix="tracebank-features-") as tmp:
-        start = time.perf_counter()
-        with _bar(len(dataset.train), "extracting features (images)", quiet) as bar:
-            store: FeatureStore = extract_features(
-                dataset.train, model.extractor, tmp, batch_size=batch_size, on_batch=bar.update
-            )
-        timings["extract_s"] = time.perf_counter() - start
-        start = time.perf_counter()
-        feats = store.array()
-        from .coreset import coreset_size
-
-        with _bar(coreset_size(len(feats), coreset.ratio), "selecting coreset (centres)", quiet) as bar:
-            model.fit_features(feats, on_centres=bar.update)
-        timings["coreset_s"] = time.perf_counter() - start
-        del feats
-    metrics = threshold = None
-    if evaluate_after and dataset.test:
-        start = time.perf_counter()
-        with _bar(len(dataset.test), "evaluating (images)", quiet) as bar:
-            result = evaluate(model, dataset.test, batch_size=batch_size, keep_maps=False, on_batch=bar.update)
-        timings["evaluate_s"] = time.perf_counter() - start
-        metrics = result.metrics
-        if metrics.get("threshold") is not None:
-            threshold = {
-                "value": metrics["threshold"],
-                "method": metrics["threshold_method"],
-                "evaluated_on": spec,
-            }
-    manifest = save_bank(
-        out,
-        model,
-        training=training_record(spec, store, {"timings": timings}),
-        metrics=metrics,
-        threshold=threshold,
-    )
-    return {
-        "bank": str(out),
-        "bank_id": manifest["bank_id"],
-        "bank_size": manifest["bank_size"],
-        "n_train": len(store.files),
-        "skipped": store.skipped,
-        "metrics": metrics,
-        "threshold": threshold,
-        "timings": timings,
-    }
-
-
 @command("fit")
 def _fit(args: argparse.Namespace) -> dict[str, Any]:
     return fit_bank(
@@ -142,7 +78,7 @@ def _fit(args: argparse.Namespace) -> dict[str, Any]:
         from_mapping(CoresetConfig, "command line", {"ratio": args.ratio, "seed": args.seed}),
         from_mapping(ScoringConfig, "command line", {"num_neighbors": args.neighbors, "index": args.index}),
         batch_size=args.batch_size,
-        quiet=args.quiet or args.json,
+        progress=_progress(args.quiet or args.json),
         evaluate_after=not args.no_evaluate,
         limit=args.limit,
     )
@@ -196,13 +132,13 @@ def _predict(args: argparse.Namespace) -> dict[str, Any]:
 def _import(args: argparse.Namespace) -> dict[str, Any]:
     import subprocess
 
-    from .importer import import_dataset
+    from pipeline.data.importer import import_dataset
 
     dataset = import_dataset(args.spec, args.root, n_train=args.limit_train, n_test=args.limit_test)
     proc = subprocess.run([sys.executable, "-m", "dvc", "add", "-q", args.root], capture_output=True, text=True)
     if proc.returncode != 0:
         raise ValueError(f"dvc add {args.root} failed: {proc.stderr.strip() or proc.stdout.strip()}")
-    from .steps import dvc_data_hash
+    from pipeline.lifecycle.steps import dvc_data_hash
 
     return {"root": args.root, "n_train": len(dataset.train), "n_test": len(dataset.test),
             "data_hash": dvc_data_hash(f"{args.root}.dvc")}
@@ -210,7 +146,7 @@ def _import(args: argparse.Namespace) -> dict[str, Any]:
 
 @command("banks")
 def _banks(args: argparse.Namespace) -> dict[str, Any]:
-    from .registry import Registry
+    from pipeline.lifecycle.registry import Registry
 
     registry = Registry(args.registry)
     return {"production": (registry.production() or {}).get("bank_id"), "banks": registry.list()}
@@ -218,21 +154,21 @@ def _banks(args: argparse.Namespace) -> dict[str, Any]:
 
 @command("lineage")
 def _lineage(args: argparse.Namespace) -> dict[str, Any]:
-    from .registry import Registry
+    from pipeline.lifecycle.registry import Registry
 
     return Registry(args.registry).lineage(args.bank)
 
 
 @command("promote")
 def _promote(args: argparse.Namespace) -> dict[str, Any]:
-    from .registry import Registry
+    from pipeline.lifecycle.registry import Registry
 
     return Registry(args.registry).promote(args.bank)
 
 
 @command("rollback")
 def _rollback(args: argparse.Namespace) -> dict[str, Any]:
-    from .registry import Registry
+    from pipeline.lifecycle.registry import Registry
 
     return Registry(args.registry).rollback()
 
@@ -248,8 +184,8 @@ def _audit(args: argparse.Namespace) -> dict[str, Any]:
     import csv
     import datetime as dt
 
-    from .audit import AuditLog
-    from .registry import Registry
+    from pipeline.lifecycle.audit import AuditLog
+    from pipeline.lifecycle.registry import Registry
 
     since = None
     if args.since:

@@ -34,11 +34,11 @@ import bentoml
 from pydantic import BaseModel, Field
 from starlette.responses import JSONResponse
 
-from pipeline.audit import AuditError, AuditLog
-from pipeline.bank import BankError
-from pipeline.images import DEFAULT_MAX_PIXELS, ImageError
-from pipeline.inspection import InputError, LoadedBank, Result, Upload, check_upload, decide
-from pipeline.registry import Registry, RegistryError
+from pipeline.data.images import DEFAULT_MAX_PIXELS, ImageError
+from pipeline.lifecycle.audit import AuditError, AuditLog
+from pipeline.lifecycle.inspection import InputError, LoadedBank, Result, Upload, check_upload, decide
+from pipeline.lifecycle.registry import Registry, RegistryError
+from pipeline.patchcore.bank import BankError
 from serving.guard import RequestGuard
 from serving.store import production_bank_dir
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import bentoml
 
-from pipeline.bank import read_manifest
-from pipeline.registry import Registry, RegistryError
+from pipeline.lifecycle.registry import Registry, RegistryError
+from pipeline.patchcore.bank import read_manifest
 
 MODEL_NAME = "tracebank-bank"
 

@@ -16,7 +16,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 @pytest.fixture(scope="session")
 def mtd_dataset():
-    from pipeline.datasets import open_dataset
+    from pipeline.data.datasets import open_dataset
 
     if not MTD.is_dir():
         raise FileNotFoundError(f"the MTD dataset is expected at {MTD} (../shared beside the repository)")
@@ -25,7 +25,7 @@ def mtd_dataset():
 
 @pytest.fixture(scope="session")
 def elpv_mono():
-    from pipeline.datasets import open_dataset
+    from pipeline.data.datasets import open_dataset
 
     return open_dataset("elpv:mono")
 
@@ -33,7 +33,7 @@ def elpv_mono():
 @pytest.fixture(scope="session")
 def extractor():
     from pipeline.config import FeatureConfig
-    from pipeline.features import FeatureExtractor
+    from pipeline.patchcore.features import FeatureExtractor
 
     return FeatureExtractor(FeatureConfig())
 
@@ -42,8 +42,8 @@ def extractor():
 def small_mtd_model(mtd_dataset, extractor):
     """A bank fitted on 150 real MTD nominal tiles (5% coreset)."""
     from pipeline.config import CoresetConfig
-    from pipeline.datasets import load_images
-    from pipeline.model import PatchCore
+    from pipeline.data.datasets import load_images
+    from pipeline.patchcore.model import PatchCore
 
     images = [img for _, img, _ in load_images(mtd_dataset.train[:150])]
     model = PatchCore(extractor.config, CoresetConfig(ratio=0.05), extractor=extractor)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.datasets import Sample
-from pipeline.validation import ValidationConfig, validate_samples
+from pipeline.data.datasets import Sample
+from pipeline.data.validation import ValidationConfig, validate_samples
 
 
 @pytest.fixture(scope="module")

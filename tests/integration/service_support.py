@@ -27,8 +27,8 @@ TOKEN = "test-admin-token"
 
 REGISTER = """
 import json, sys
-from pipeline.gates import GateConfig, check_gates
-from pipeline.registry import Registry
+from pipeline.lifecycle.gates import GateConfig, check_gates
+from pipeline.lifecycle.registry import Registry
 from serving.store import save_to_store
 bank_dir, registry_root, metrics_json = sys.argv[1:4]
 metrics = json.loads(metrics_json)

@@ -34,8 +34,8 @@ def test_fit_writes_a_bank_with_threshold(bank):
 
 
 def test_cpu_fit_runs_onnx_and_the_bank_scores_the_same_eagerly(bank, elpv_mono):
-    from pipeline.bank import load_bank
-    from pipeline.datasets import load_images
+    from pipeline.data.datasets import load_images
+    from pipeline.patchcore.bank import load_bank
 
     out, _ = bank
     fast, manifest = load_bank(out)

@@ -9,9 +9,9 @@ import sys
 import numpy as np
 from scipy.stats import spearmanr
 
-from pipeline.bank import load_bank
-from pipeline.coreset import coreset_size
-from pipeline.datasets import load_images, open_dataset
+from pipeline.data.datasets import load_images, open_dataset
+from pipeline.patchcore.bank import load_bank
+from pipeline.patchcore.coreset import coreset_size
 from tests.integration.test_pipeline import BIN, make_project, run
 
 

@@ -124,7 +124,7 @@ def test_interrupted_promotion_keeps_a_complete_production_bank(flow_project):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         pointer = json.loads((project / "banks" / "PRODUCTION.json").read_text())
-        from pipeline.bank import read_manifest
+        from pipeline.patchcore.bank import read_manifest
 
         read_manifest(project / "banks" / pointer["bank_id"])  # complete and hash-valid
     assert json.loads((project / "banks" / "PRODUCTION.json").read_text())["bank_id"] in banks
@@ -164,7 +164,7 @@ def test_new_nominal_images_trigger_a_retrain_that_is_promoted(flow_project, elp
     unchanged = json.loads(run(project, sys.executable, "-c", code).stdout.strip().splitlines()[-1])
     assert unchanged["retrained"] is False
     before = production(project)
-    from pipeline.importer import add_nominal
+    from pipeline.data.importer import add_nominal
 
     add_nominal([s.path for s in elpv_mono.train[100:106]], project / "data")
     outcome = json.loads(run(project, sys.executable, "-c", code).stdout.strip().splitlines()[-1])

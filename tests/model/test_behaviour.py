@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from pipeline.datasets import load_images
-from pipeline.evaluation import evaluate
-from pipeline.model import NotFittedError, PatchCore
+from pipeline.data.datasets import load_images
+from pipeline.evaluation.evaluate import evaluate
+from pipeline.patchcore.model import NotFittedError, PatchCore
 
 
 def test_defective_tiles_score_above_good_ones(small_mtd_model, mtd_dataset):
@@ -42,7 +42,7 @@ def test_normal_only_validation_gives_a_usable_threshold(elpv_mono, extractor):
     """No defective images to tune on (anomalib's broken case): the threshold is a high
     quantile of held-out good scores; it passes good cells and flags most defective ones."""
     from pipeline.config import CoresetConfig
-    from pipeline.evaluation import choose_threshold
+    from pipeline.evaluation.evaluate import choose_threshold
 
     train = [img for _, img, _ in load_images(elpv_mono.train[:80])]
     model = PatchCore(extractor.config, CoresetConfig(ratio=0.05), extractor=extractor)

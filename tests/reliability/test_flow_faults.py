@@ -15,7 +15,7 @@ import psutil
 import pytest
 import yaml
 
-from pipeline.bank import read_manifest
+from pipeline.patchcore.bank import read_manifest
 from tests.integration.test_pipeline import BIN, _env, make_project, production, run
 from tests.reliability.test_service_faults import record
 

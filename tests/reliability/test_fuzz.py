@@ -13,12 +13,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from pipeline.images import ImageError, decode_image
+from pipeline.data.images import ImageError, decode_image
 from tests.integration.service_support import running
 
 
 def _seeds() -> list[bytes]:
-    from pipeline.datasets import open_dataset
+    from pipeline.data.datasets import open_dataset
     from tests.conftest import MTD_SPEC
 
     mtd = open_dataset(MTD_SPEC)

@@ -3,7 +3,7 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from pipeline.backbone import BackboneError, load_backbone, packaged_weights_path, sha256_file
+from pipeline.patchcore.backbone import BackboneError, load_backbone, packaged_weights_path, sha256_file
 
 
 def test_default_weights_load_offline_with_hash():

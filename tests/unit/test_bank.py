@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.bank import BankError, load_bank, read_manifest, save_bank, update_manifest
+from pipeline.patchcore.bank import BankError, load_bank, read_manifest, save_bank, update_manifest
 
 
 @pytest.fixture(scope="module")
@@ -15,7 +15,7 @@ def saved(tmp_path_factory, small_mtd_model):
 
 
 def test_round_trip_gives_same_scores(saved, small_mtd_model, mtd_dataset):
-    from pipeline.datasets import load_images
+    from pipeline.data.datasets import load_images
 
     path, manifest = saved
     model, loaded = load_bank(path)

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-import pipeline.coreset as coreset_module
-from pipeline.coreset import coreset_size, covering_radius, greedy_coreset, greedy_coreset_naive, project
+import pipeline.patchcore.coreset as coreset_module
+from pipeline.patchcore.coreset import coreset_size, covering_radius, greedy_coreset, greedy_coreset_naive, project
 
 
 def _clustered(n: int, dim: int = 32, seed: int = 0) -> np.ndarray:
@@ -75,7 +75,7 @@ def test_lazy_greedy_matches_brute_force_greedy():
 
 @pytest.fixture(scope="module")
 def mtd_patches(mtd_dataset, extractor):
-    from pipeline.datasets import load_images
+    from pipeline.data.datasets import load_images
 
     images = [img for _, img, _ in load_images(mtd_dataset.train[:40])]
     feats, _ = extractor(images)  # (40, h, w, D)
@@ -99,7 +99,7 @@ def test_two_stage_radius_close_to_naive_on_real_patches(mtd_patches):
 def test_candidates_of_parts_compose_like_the_two_stage_selection(mtd_patches):
     # The distributed fit: each worker keeps candidates from its part, one greedy runs over
     # their union. The bank must cover the patches nearly as well as one greedy over all.
-    from pipeline.coreset import ratio_for, shard_candidates
+    from pipeline.patchcore.coreset import ratio_for, shard_candidates
 
     x = mtd_patches
     half = len(x) // 2
@@ -114,7 +114,7 @@ def test_candidates_of_parts_compose_like_the_two_stage_selection(mtd_patches):
 
 
 def test_ratio_for_keeps_exactly_k():
-    from pipeline.coreset import ratio_for
+    from pipeline.patchcore.coreset import ratio_for
 
     # ceil(25 * (7 / 25)) is 8 in floating point; every pair up to 400 must give k exactly
     assert all(coreset_size(n, ratio_for(n, k)) == k for n in range(1, 400) for k in range(1, n + 1))

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.datasets import DatasetError, LoadReport, Sample, load_images, open_dataset
+from pipeline.data.datasets import DatasetError, LoadReport, Sample, load_images, open_dataset
 
 
 def test_mtd_split_counts(mtd_dataset):

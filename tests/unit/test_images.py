@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.images import ImageError, decode_image, read_image
+from pipeline.data.images import ImageError, decode_image, read_image
 
 
 def _encode(image: Image.Image, fmt: str, **kw) -> bytes:
@@ -92,7 +92,7 @@ def test_other_modes_become_rgb_or_gray(mode):
 def test_grey_tile_prepares_as_its_three_channel_copy(mtd_dataset, resize):
     # Grey images are resized once and then repeated; the input must equal that of the
     # same picture stored as RGB, and letterboxing must keep the content box.
-    from pipeline.features import prepare
+    from pipeline.patchcore.features import prepare
 
     grey = read_image(mtd_dataset.test[3].path)
     assert grey.ndim == 2

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.index import NNIndex
-from pipeline.scoring import anomaly_maps, gaussian_kernel, reweighted_image_scores
+from pipeline.patchcore.index import NNIndex
+from pipeline.patchcore.scoring import anomaly_maps, gaussian_kernel, reweighted_image_scores
 
 
 def _bank(m=300, d=24, seed=0):
@@ -126,8 +126,8 @@ def test_anomaly_maps_equal_upsample_then_blur(h, w, size, sigma):
 def test_pruned_top1_search_is_exact_on_real_patch_features(small_mtd_model, mtd_dataset):
     # A real bank (150 MTD tiles, 5% coreset) and every patch of 12 real test tiles: the search
     # must skip most of the bank and still return the true nearest vector of every patch.
-    from pipeline.datasets import load_images
-    from pipeline.index import Top1Search
+    from pipeline.data.datasets import load_images
+    from pipeline.patchcore.index import Top1Search
 
     bank = small_mtd_model.memory_bank_
     tiles = [img for _, img, _ in load_images(mtd_dataset.subset(None, 12, seed=5).test)]
@@ -153,7 +153,7 @@ def test_pruned_top1_search_is_exact_on_real_patch_features(small_mtd_model, mtd
 
 def test_pruned_top1_search_falls_back_where_no_axis_dominates():
     # Isotropic features: the bound cannot prune, the search must still be exact.
-    from pipeline.index import Top1Search
+    from pipeline.patchcore.index import Top1Search
 
     bank, queries = _bank(3000, 96, seed=4), _bank(700, 96, seed=5)
     search = Top1Search(bank)

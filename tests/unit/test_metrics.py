@@ -1,7 +1,14 @@
 import numpy as np
 import pytest
 
-from pipeline.metrics import f1_optimal_threshold, image_auroc, integrate_to, pixel_auroc, pro_curve, pro_score
+from pipeline.evaluation.metrics import (
+    f1_optimal_threshold,
+    image_auroc,
+    integrate_to,
+    pixel_auroc,
+    pro_curve,
+    pro_score,
+)
 
 
 def test_pro_two_regions_worked_by_hand():

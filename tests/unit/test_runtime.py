@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.backbone import sha256_file
 from pipeline.config import ConfigError, CoresetConfig, FeatureConfig
-from pipeline.datasets import load_images
-from pipeline.features import FeatureExtractor
-from pipeline.model import PatchCore
-from pipeline.runtime import OnnxEmbedding, cache_key, export_settings
+from pipeline.data.datasets import load_images
+from pipeline.patchcore.backbone import sha256_file
+from pipeline.patchcore.features import FeatureExtractor
+from pipeline.patchcore.model import PatchCore
+from pipeline.patchcore.runtime import OnnxEmbedding, cache_key, export_settings
 
 #: max |onnx - torch| over all features, relative to max |torch| (observed ~1.5e-6: float
 #: rounding of fused convolutions; features reach ~20 on MTD tiles).
@@ -77,7 +77,7 @@ def test_tampered_cache_file_is_detected_and_rebuilt(tmp_path, extractor, caplog
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte inside the weights
     path.write_bytes(bytes(data))
-    with caplog.at_level(logging.WARNING, logger="pipeline.runtime"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.patchcore.runtime"):
         rebuilt = open_cached()
     assert rebuilt.model.status == "rebuilt" and "exporting it again" in caplog.text
     assert json.loads(record_path.read_text())["sha256"] == sha256_file(path) == rebuilt.model.sha256

@@ -1,6 +1,6 @@
 """Service latency and throughput against the offline batch throughput of the same bank.
 
-    python -m serving.bench [--registry banks] [--images DIR_OR_SPEC] [--seconds 20]
+    python -m benchmarks.service [--registry banks] [--images DIR_OR_SPEC] [--seconds 20]
 
 Starts ``bentoml serve`` on 127.0.0.1 with the registry's production bank (a scratch audit
 database), then for 1, 4 and 16 concurrent clients posts real images to ``/predict`` for
@@ -26,9 +26,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from pipeline.datasets import open_dataset
-from pipeline.images import read_image
-from pipeline.inspection import LoadedBank
+from pipeline.data.datasets import open_dataset
+from pipeline.data.images import read_image
+from pipeline.lifecycle.inspection import LoadedBank
 from serving.store import production_bank_dir
 
 
@@ -120,7 +120,7 @@ def _offline(bank_dir: Path, files: list[Path], batch: int = 16) -> tuple[float,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m serving.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.service", description=__doc__.splitlines()[0])
     parser.add_argument("--registry", default="banks")
     parser.add_argument("--images", default="mvtec:data", help="a folder of images or a dataset spec")
     parser.add_argument("--count", type=int, default=48, help="distinct images to cycle through")

@@ -12,8 +12,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from .evaluation import Evaluation  # noqa: E402
-from .images import read_image  # noqa: E402
+from pipeline.data.images import read_image  # noqa: E402
+
+from .evaluate import Evaluation  # noqa: E402
 from .metrics import pro_curve, roc_points  # noqa: E402
 from .overlay import heatmap_overlay  # noqa: E402
 

@@ -2,7 +2,7 @@
 
 Layout of a registry root (``banks/`` by default)::
 
-    banks/<bank_id>/            a bank directory (see :mod:`pipeline.bank`)
+    banks/<bank_id>/            a bank directory (see :mod:`pipeline.patchcore.bank`)
     banks/<bank_id>/lineage.json  data hash, files, git commit, params, metrics, gates, status
     banks/PRODUCTION.json       {"bank_id", "promoted_at", "promoted_by", "previous"}
 
@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .bank import BankError, read_manifest, write_json_atomic
+from pipeline.patchcore.bank import BankError, read_manifest, write_json_atomic
 
 POINTER = "PRODUCTION.json"
 LINEAGE = "lineage.json"

@@ -1,18 +1,18 @@
 """Performance report in one run: coreset, prediction speed and memory scaling, goals checked.
 
-    python -m pipeline.bench_perf                         # everything, about an hour on 2 cores
-    python -m pipeline.bench_perf --sizes 1000,2000       # a shorter scaling table
+    python -m benchmarks.perf                         # everything, about an hour on 2 cores
+    python -m benchmarks.perf --sizes 1000,2000       # a shorter scaling table
 
 Runs, one after the other and each in its own process so that the figures do not share
 a heap:
 
-1. ``python -m pipeline.bench --coreset``: naive greedy against ours on MTD's training
+1. ``python -m benchmarks.accuracy --coreset``: naive greedy against ours on MTD's training
    features (seconds, covering radius, image AUROC, pixel AUROC, PRO);
-2. ``python -m pipeline.bench_predict --accuracy``: a bank fitted on MTD's 762 nominal
+2. ``python -m benchmarks.predict --accuracy``: a bank fitted on MTD's 762 nominal
    images (the fit is timed: extraction plus coreset), eager backbone-only against
    end-to-end predict throughput at batch 16 and latency at batch 1, and the accuracy of
    the eager and the ONNX feature paths with that bank;
-3. ``python -m pipeline.bench_scale``: fit time and peak RSS at 1k, 2k, 5k and 10k images.
+3. ``python -m benchmarks.scale``: fit time and peak RSS at 1k, 2k, 5k and 10k images.
 
 Each part prints its own table as it goes; the summary at the end checks the figures
 against the performance goals and the accuracy measured before these changes.
@@ -102,17 +102,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit-gb", type=float, default=8.0)
     args = parser.parse_args(argv)
     data = f"mtd:{args.mtd}"
-    coreset_argv = ["pipeline.bench", "--coreset", "--data", data, "--json"]
+    coreset_argv = ["benchmarks.accuracy", "--coreset", "--data", data, "--json"]
     if args.cache:
         coreset_argv += ["--cache", args.cache]
     coreset = _last_json(_run("Coreset, naive greedy against ours", coreset_argv))
     predict = _last_json(_run("Prediction speed and accuracy",
-                              ["pipeline.bench_predict", "--data", data, "--accuracy", "--json"]))
+                              ["benchmarks.predict", "--data", data, "--accuracy", "--json"]))
     scale: list[dict[str, str]] = []
     if args.sizes:
         out = Path(args.out)
         _run("Memory and time against training images",
-             ["pipeline.bench_scale", "--sizes", args.sizes, "--out", str(out), "--mtd", args.mtd,
+             ["benchmarks.scale", "--sizes", args.sizes, "--out", str(out), "--mtd", args.mtd,
               "--limit-gb", str(args.limit_gb)])
         with (out / "scale.csv").open(newline="") as f:
             scale = list(csv.DictReader(f))

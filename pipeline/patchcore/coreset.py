@@ -76,6 +76,12 @@ def project(
     return out
 
 
+def _checked_size(n: int, ratio: float) -> int:
+    if n == 0:
+        raise ValueError("cannot select a coreset from zero features")
+    return coreset_size(n, ratio)
+
+
 def greedy_coreset(
     features: np.ndarray,
     ratio: float,
@@ -108,12 +114,9 @@ def greedy_coreset(
         it over the union of their picks. Greedy k-center picks the outermost points first,
         so the union holds every shard's extremes and the covering radius stays close to that
         of one greedy over all points, while only one shard and the union are ever projected
-        in memory at once (``python -m pipeline.bench --coreset`` measures both).
+        in memory at once (``python -m benchmarks.accuracy --coreset`` measures both).
     """
-    n = len(features)
-    if n == 0:
-        raise ValueError("cannot select a coreset from zero features")
-    k = coreset_size(n, ratio)
+    n, k = len(features), _checked_size(len(features), ratio)
     if k == n:
         return np.arange(n, dtype=np.int64)
     if shard_size is None:
@@ -192,10 +195,7 @@ def greedy_coreset_naive(
     Same arguments and result as :func:`greedy_coreset` with ``shard_size=0``, at
     O(N * K * P) memory-bound cost; kept for tests and the benchmark.
     """
-    n = len(features)
-    if n == 0:
-        raise ValueError("cannot select a coreset from zero features")
-    k = coreset_size(n, ratio)
+    n, k = len(features), _checked_size(len(features), ratio)
     if k == n:
         return np.arange(n, dtype=np.int64)
     first = int(np.random.default_rng(seed).integers(n))

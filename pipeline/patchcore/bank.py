@@ -1,7 +1,7 @@
 """Bank artifacts: memory bank + faiss index + a JSON manifest that makes them traceable.
 
 A bank directory holds ``memory_bank.npy`` (``np.save``, no pickle), ``index.faiss`` and
-``index.json`` (see :mod:`pipeline.index`) and ``manifest.json``: backbone and weights
+``index.json`` (see :mod:`pipeline.patchcore.index`) and ``manifest.json``: backbone and weights
 sha256, every parameter, the training files with their sha256, metrics when known, library
 versions and the sha256 of every artifact file. The bank id is a content hash over the parts
 that define the model; loading recomputes every hash and refuses a mismatch.
@@ -22,9 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
+from pipeline import __version__
+from pipeline.config import CoresetConfig, FeatureConfig, ScoringConfig, from_mapping, to_dict
+
 from .backbone import packaged_weights_path, sha256_file
-from .config import CoresetConfig, FeatureConfig, ScoringConfig, from_mapping, to_dict
 from .index import NNIndex
 from .model import PatchCore
 
@@ -79,7 +80,7 @@ def save_bank(
 
     Args:
         directory: target; must not exist yet.
-        model: a fitted :class:`~pipeline.model.PatchCore`.
+        model: a fitted :class:`~pipeline.patchcore.model.PatchCore`.
         training: provenance, e.g. ``{"spec": ..., "files": file_records(...)}``.
         metrics: evaluation results, when known.
         threshold: ``{"value": float, "method": str, ...}``, when known.

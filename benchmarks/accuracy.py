@@ -1,8 +1,8 @@
 """Accuracy and speed benchmark: fit and evaluate MTD and ELPV mono/poly with the defaults.
 
-    python -m pipeline.bench                       # all datasets, default settings
-    python -m pipeline.bench --data elpv:mono --size 320 --resize letterbox
-    python -m pipeline.bench --coreset --cache /tmp/mtd_feats   # naive vs fast coreset on MTD
+    python -m benchmarks.accuracy                       # all datasets, default settings
+    python -m benchmarks.accuracy --data elpv:mono --size 320 --resize letterbox
+    python -m benchmarks.accuracy --coreset --cache /tmp/mtd_feats   # naive vs fast coreset on MTD
 
 Each dataset runs in its own process so that its peak RSS is its own. Prints a table and,
 with ``--json``, one JSON object per dataset.
@@ -43,18 +43,18 @@ def run_one(spec: str, args: argparse.Namespace) -> dict[str, Any]:
 
     import torch
 
-    from .bank import load_bank
-    from .cli import fit_bank
-    from .config import CoresetConfig, ScoringConfig
-    from .datasets import load_images, open_dataset
-    from .evaluation import evaluate
+    from pipeline.config import CoresetConfig, ScoringConfig
+    from pipeline.data.datasets import load_images, open_dataset
+    from pipeline.evaluation.evaluate import evaluate
+    from pipeline.lifecycle.fitting import fit_bank
+    from pipeline.patchcore.bank import load_bank
 
     torch.set_num_threads(args.threads)
     features = _feature_config(args)
     coreset = CoresetConfig(ratio=args.ratio)
     scoring = ScoringConfig(num_neighbors=args.neighbors)
     with tempfile.TemporaryDirectory() as tmp:
-        fitted = fit_bank(spec, Path(tmp) / "bank", features, coreset, scoring, quiet=True, evaluate_after=False)
+        fitted = fit_bank(spec, Path(tmp) / "bank", features, coreset, scoring, evaluate_after=False)
         model, _ = load_bank(Path(tmp) / "bank")
     dataset = open_dataset(spec)
     start = time.perf_counter()
@@ -111,8 +111,8 @@ def coreset_comparison(spec: str, args: argparse.Namespace) -> dict[str, Any]:
 
     import torch
 
-    from .coreset import SHARD_SIZE, covering_radius, greedy_coreset, greedy_coreset_naive
-    from .datasets import open_dataset
+    from pipeline.data.datasets import open_dataset
+    from pipeline.patchcore.coreset import SHARD_SIZE, covering_radius, greedy_coreset, greedy_coreset_naive
 
     torch.set_num_threads(args.threads)
     dataset = open_dataset(spec)
@@ -155,7 +155,7 @@ def coreset_comparison(spec: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _feature_config(args: argparse.Namespace) -> Any:
-    from .config import FeatureConfig
+    from pipeline.config import FeatureConfig
 
     return FeatureConfig(
         backbone=args.backbone, image_size=args.size, resize=args.resize, levels=tuple(args.levels),
@@ -166,9 +166,9 @@ def _feature_config(args: argparse.Namespace) -> Any:
 def _cached_features(samples: list[Any], config: Any, directory: Path) -> tuple[Any, float | None]:
     """Training features in ``directory``, extracted unless it holds them for these images and
     settings; returns the store and the extraction seconds (None when reused)."""
-    from .config import to_dict
-    from .features import FeatureExtractor
-    from .stages import FeatureStore, extract_features
+    from pipeline.config import to_dict
+    from pipeline.lifecycle.stages import FeatureStore, extract_features
+    from pipeline.patchcore.features import FeatureExtractor
 
     key = {"settings": to_dict(config), "images": [s.path for s in samples]}
     key_file = directory / "bench_key.json"
@@ -183,10 +183,10 @@ def _cached_features(samples: list[Any], config: Any, directory: Path) -> tuple[
 def _evaluate_banks(rows: list[dict[str, Any]], dataset: Any, config: Any, args: argparse.Namespace) -> None:
     """Image AUROC, pixel AUROC and PRO of each row's bank (a bank equal to an earlier one
     reuses its figures)."""
-    from .config import CoresetConfig, ScoringConfig
-    from .evaluation import evaluate
-    from .features import FeatureExtractor
-    from .model import PatchCore
+    from pipeline.config import CoresetConfig, ScoringConfig
+    from pipeline.evaluation.evaluate import evaluate
+    from pipeline.patchcore.features import FeatureExtractor
+    from pipeline.patchcore.model import PatchCore
 
     extractor = FeatureExtractor(config)
     done: list[dict[str, Any]] = []
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for spec in specs:
         proc = subprocess.run(
-            [sys.executable, "-m", "pipeline.bench", "--one", spec, *passthrough],
+            [sys.executable, "-m", "benchmarks.accuracy", "--one", spec, *passthrough],
             capture_output=True, text=True, check=False,
         )
         if proc.returncode != 0:

@@ -4,7 +4,7 @@ An image is resized to the network input (square squash or aspect-keeping letter
 passed through the backbone, each level is averaged over its 3x3 neighbourhood, the deeper
 maps are bilinearly resized to the finest one and everything is concatenated per position.
 That computation is one module, :class:`PatchEmbedding`, run eagerly by PyTorch or, with
-``runtime="onnx"``, exported once and run by ONNX Runtime (see :mod:`pipeline.runtime`).
+``runtime="onnx"``, exported once and run by ONNX Runtime (see :mod:`pipeline.patchcore.runtime`).
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from pipeline.config import FeatureConfig
+
 from .backbone import Backbone, load_backbone
-from .config import FeatureConfig
 from .runtime import OnnxEmbedding
 
 _TF_MEAN, _TF_STD = 127.0, 128.0
@@ -82,7 +83,7 @@ def _three_channels(image: np.ndarray) -> np.ndarray:
 class PatchEmbedding(nn.Module):
     """The whole feature computation as one module: normalise, backbone, aggregate, project.
 
-    Exported as is to ONNX by :mod:`pipeline.runtime`, so the eager and the ONNX paths run
+    Exported as is to ONNX by :mod:`pipeline.patchcore.runtime`, so the eager and the ONNX paths run
     the same graph.
 
     Args:

@@ -175,7 +175,7 @@ def load_images(
     Args:
         samples: what to read.
         on_error: ``"skip"`` records a bad file in ``report`` and goes on; ``"raise"``
-            stops with the :class:`~pipeline.images.ImageError` naming it.
+            stops with the :class:`~pipeline.data.images.ImageError` naming it.
         report: collects skipped files.
         with_masks: also read masks (an all-false mask for defect-free images).
 

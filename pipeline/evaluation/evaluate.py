@@ -8,9 +8,10 @@ from typing import Any
 
 import numpy as np
 
-from .datasets import LoadReport, Sample, batched, load_images
+from pipeline.data.datasets import LoadReport, Sample, batched, load_images
+from pipeline.patchcore.model import PatchCore
+
 from .metrics import f1_optimal_threshold, image_auroc, pixel_auroc, pro_score
-from .model import PatchCore
 
 #: Quantile of held-out nominal scores used as the threshold when no defective image exists.
 NOMINAL_QUANTILE = 0.99

@@ -13,7 +13,8 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from .config import CoresetConfig, FeatureConfig, ScoringConfig
+from pipeline.config import CoresetConfig, FeatureConfig, ScoringConfig
+
 from .coreset import greedy_coreset
 from .features import FeatureExtractor, Placement
 from .index import NNIndex

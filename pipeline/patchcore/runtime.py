@@ -1,6 +1,6 @@
 """ONNX Runtime execution of the patch embedding, from a verified on-disk export cache.
 
-With ``features.runtime: onnx`` the whole :class:`~pipeline.features.PatchEmbedding`
+With ``features.runtime: onnx`` the whole :class:`~pipeline.patchcore.features.PatchEmbedding`
 (normalisation, backbone, 3x3 pooling, bilinear resize, concatenation, projection) is
 exported once to ONNX and run by ONNX Runtime on the CPU. The export is cached as
 ``embedding-<key>.onnx`` under :func:`cache_dir`, where ``key`` hashes the backbone weights'
@@ -28,13 +28,13 @@ import timm
 import torch
 from torch import nn
 
-from .config import FeatureConfig
+from pipeline.config import FeatureConfig
 
 logger = logging.getLogger(__name__)
 
 #: ONNX opset of the export; 17 covers every op used and is read by all recent runtimes.
 OPSET = 17
-#: Bump when :class:`~pipeline.features.PatchEmbedding` changes, so old exports are not reused.
+#: Bump when :class:`~pipeline.patchcore.features.PatchEmbedding` changes, so old exports are not reused.
 EXPORT_VERSION = 1
 
 

@@ -24,16 +24,17 @@ from typing import Any
 
 import yaml
 
-from .bank import update_manifest
-from .config import CoresetConfig, FeatureConfig, ScoringConfig, from_mapping, to_dict
-from .datasets import Dataset, open_dataset
-from .evaluation import evaluate
-from .features import FeatureExtractor
+from pipeline.config import CoresetConfig, FeatureConfig, ScoringConfig, from_mapping, to_dict
+from pipeline.data.datasets import Dataset, open_dataset
+from pipeline.data.validation import ValidationConfig, ValidationResult, validate_samples
+from pipeline.evaluation.evaluate import evaluate
+from pipeline.patchcore.bank import update_manifest
+from pipeline.patchcore.features import FeatureExtractor
+from pipeline.patchcore.model import PatchCore
+
 from .gates import GateConfig, check_gates
-from .model import PatchCore
 from .registry import Registry, write_json_atomic
 from .stages import FeatureStore, extract_features, training_record
-from .validation import ValidationConfig, ValidationResult, validate_samples
 
 
 class ValidationFailed(RuntimeError):
@@ -64,7 +65,7 @@ class Params:
         known = {"data", "features", "coreset", "scoring", "gates", "validation", "batch_size"}
         unknown = sorted(set(raw) - known)
         if unknown:
-            from .config import ConfigError
+            from pipeline.config import ConfigError
 
             raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         return cls(
@@ -109,7 +110,7 @@ def extract_step(dataset: Dataset, params: Params, work: Path, on_batch: Any = N
 
 def coreset_step(params: Params, work: Path, spec: str, on_centres: Any = None) -> dict[str, Any]:
     """Select the memory bank from the stored features and save it as ``work/candidate``."""
-    from .bank import save_bank
+    from pipeline.patchcore.bank import save_bank
 
     start = time.perf_counter()
     store = FeatureStore.open(work / "features")
@@ -124,8 +125,8 @@ def coreset_step(params: Params, work: Path, spec: str, on_centres: Any = None) 
 
 def evaluate_step(dataset: Dataset, work: Path, params: Params, on_batch: Any = None) -> dict[str, Any]:
     """Metrics, threshold, curves and the HTML report of the candidate bank."""
-    from .bank import load_bank
-    from .report import write_report
+    from pipeline.evaluation.report import write_report
+    from pipeline.patchcore.bank import load_bank
 
     start = time.perf_counter()
     model, manifest = load_bank(work / "candidate")
@@ -144,7 +145,7 @@ def evaluate_step(dataset: Dataset, work: Path, params: Params, on_batch: Any = 
 def production_metrics(registry: Registry, dataset: Dataset, params: Params) -> dict[str, Any] | None:
     """Metrics of the production bank on the same evaluation set (re-evaluated, so the
     comparison is on identical images), or None when there is no production bank."""
-    from .bank import load_bank
+    from pipeline.patchcore.bank import load_bank
 
     pointer = registry.production()
     if pointer is None:

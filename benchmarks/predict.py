@@ -1,8 +1,8 @@
 """Prediction speed: the eager backbone alone against end-to-end ``predict``, torch vs ONNX.
 
-    python -m pipeline.bench_predict                                  # MTD, 96 test images
-    python -m pipeline.bench_predict --data mtd:../shared/datasets/mtd --n 96 --bank DIR
-    python -m pipeline.bench_predict --accuracy                       # + AUROC/PRO, both runtimes
+    python -m benchmarks.predict                                  # MTD, 96 test images
+    python -m benchmarks.predict --data mtd:../shared/datasets/mtd --n 96 --bank DIR
+    python -m benchmarks.predict --accuracy                       # + AUROC/PRO, both runtimes
 
 End to end means: decode PNG/JPEG bytes, resize, extract features, kNN search, image score,
 anomaly maps (upsample, Gaussian blur, crop/resize to the original size). Without
@@ -28,15 +28,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from .backbone import load_backbone
-from .bank import load_bank
-from .config import CoresetConfig, FeatureConfig, ScoringConfig
-from .datasets import Sample, load_images, open_dataset
-from .evaluation import evaluate
-from .features import FeatureExtractor
-from .images import decode_image
-from .model import PatchCore
-from .runtime import available_cores
+from pipeline.config import CoresetConfig, FeatureConfig, ScoringConfig
+from pipeline.data.datasets import Sample, load_images, open_dataset
+from pipeline.data.images import decode_image
+from pipeline.evaluation.evaluate import evaluate
+from pipeline.patchcore.backbone import load_backbone
+from pipeline.patchcore.bank import load_bank
+from pipeline.patchcore.features import FeatureExtractor
+from pipeline.patchcore.model import PatchCore
+from pipeline.patchcore.runtime import available_cores
 
 DEFAULT_DATA = "mtd:../shared/datasets/mtd"
 
@@ -99,7 +99,7 @@ def predict_all(model: PatchCore, blobs: Sequence[bytes], batch: int) -> None:
 
 def stage_times(model: PatchCore, blobs: Sequence[bytes], batch: int) -> dict[str, float]:
     """Seconds per batch spent in each stage of ``predict`` (one pass, medians over batches)."""
-    from .scoring import anomaly_maps, to_original
+    from pipeline.patchcore.scoring import anomaly_maps, to_original
 
     parts: dict[str, list[float]] = {k: [] for k in ("decode", "resize", "embed", "knn_score", "maps")}
     for i in range(0, len(blobs) - batch + 1, batch):

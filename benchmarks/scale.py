@@ -1,7 +1,7 @@
 """Memory and time of fitting a bank as the training set grows, one fresh process per size.
 
-    python -m pipeline.bench_scale                                 # 1000, 2000, 5000, 10000 images
-    python -m pipeline.bench_scale --sizes 1000,2000 --out runs/scale
+    python -m benchmarks.scale                                 # 1000, 2000, 5000, 10000 images
+    python -m benchmarks.scale --sizes 1000,2000 --out runs/scale
 
 The nominal set is real ELPV cells (mono and poly training cells) and MTD training tiles,
 each drawn once per size in one of its eight flips and rotations (seeded, so a smaller set
@@ -46,7 +46,7 @@ VARIANTS = 8  # flips and rotations of a square: the dihedral group
 
 def source_images(mtd: str) -> list[str]:
     """Nominal training images drawn from: ELPV mono and poly cells, MTD tiles."""
-    from .datasets import open_dataset
+    from pipeline.data.datasets import open_dataset
 
     return [s.path for spec in ("elpv:mono", "elpv:poly", f"mtd:{mtd}") for s in open_dataset(spec).train]
 
@@ -59,7 +59,7 @@ def make_images(n: int, directory: Path, sources: list[str], *, seed: int = 0) -
     """
     from PIL import Image
 
-    from .images import read_image
+    from pipeline.data.images import read_image
 
     directory.mkdir(parents=True, exist_ok=True)
     key = {"seed": seed, "sources": sources}
@@ -90,10 +90,10 @@ def make_images(n: int, directory: Path, sources: list[str], *, seed: int = 0) -
 
 def extract_child(images: Path, n: int, work: Path, dtype: str, batch_size: int, runtime: str) -> dict[str, Any]:
     """Extract features of the first ``n`` images into ``work`` (runs in its own process)."""
-    from .config import FeatureConfig
-    from .datasets import Sample
-    from .features import FeatureExtractor
-    from .stages import extract_features
+    from pipeline.config import FeatureConfig
+    from pipeline.data.datasets import Sample
+    from pipeline.lifecycle.stages import extract_features
+    from pipeline.patchcore.features import FeatureExtractor
 
     samples = [Sample(str(images / f"{i:05d}.png"), 0) for i in range(n)]
     extractor = FeatureExtractor(FeatureConfig(runtime=runtime))
@@ -109,10 +109,10 @@ def extract_child(images: Path, n: int, work: Path, dtype: str, batch_size: int,
 
 def select_child(work: Path, ratio: float, shard_size: int | None) -> dict[str, Any]:
     """Select the coreset from the features in ``work`` and index it (runs in its own process)."""
-    from .config import CoresetConfig, FeatureConfig
-    from .coreset import greedy_coreset
-    from .model import PatchCore
-    from .stages import FeatureStore
+    from pipeline.config import CoresetConfig, FeatureConfig
+    from pipeline.lifecycle.stages import FeatureStore
+    from pipeline.patchcore.coreset import greedy_coreset
+    from pipeline.patchcore.model import PatchCore
 
     features = FeatureStore.open(work).array()  # (N, D) memory map
     config = CoresetConfig(ratio=ratio)
@@ -132,7 +132,7 @@ def _peak_rss_gb() -> float:
 
 
 def _child(*argv: str) -> dict[str, Any]:
-    proc = subprocess.run([sys.executable, "-m", "pipeline.bench_scale", *argv], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.scale", *argv], capture_output=True, text=True,
                           check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"bench_scale {' '.join(argv)} failed:\n{proc.stderr[-3000:]}")

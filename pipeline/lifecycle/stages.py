@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from .backbone import sha256_file
-from .datasets import LoadReport, Sample, batched, load_images
-from .features import FeatureExtractor
+from pipeline.data.datasets import LoadReport, Sample, batched, load_images
+from pipeline.patchcore.backbone import sha256_file
+from pipeline.patchcore.features import FeatureExtractor
 
 FEATURES_FILE = "features.npy"
 FEATURES_META = "features.json"

@@ -18,10 +18,11 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.data.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
+from pipeline.evaluation.overlay import binary_mask, heatmap_overlay, png_bytes
+from pipeline.patchcore.bank import BankError, load_bank
+
 from .audit import AuditLog, Decision
-from .bank import BankError, load_bank
-from .images import DEFAULT_MAX_PIXELS, ImageError, decode_image
-from .overlay import binary_mask, heatmap_overlay, png_bytes
 
 #: What a caller may ask for besides the score.
 OUTPUTS = ("none", "heatmap", "mask")
@@ -123,7 +124,7 @@ def decide(bank: LoadedBank, uploads: Sequence[Upload], audit: AuditLog) -> list
     """Score checked uploads in one batch, record each decision, and return them.
 
     The decisions are committed to ``audit`` in one transaction before they are returned;
-    an :class:`~pipeline.audit.AuditError` propagates (and nothing of the batch is
+    an :class:`~pipeline.lifecycle.audit.AuditError` propagates (and nothing of the batch is
     recorded) so the caller refuses the requests.
     """
     if not uploads:

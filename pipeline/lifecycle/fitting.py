@@ -1,0 +1,119 @@
+"""Fitting a bank from a dataset spec in one process: the path of ``tracebank fit`` and of
+the benchmarks (the DVC stages and the Prefect flow split the same work into steps, see
+:mod:`pipeline.lifecycle.steps`)."""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import CoresetConfig, FeatureConfig, ScoringConfig
+from pipeline.data.datasets import open_dataset
+from pipeline.evaluation.evaluate import evaluate
+from pipeline.lifecycle.stages import FeatureStore, extract_features, training_record
+from pipeline.patchcore.bank import save_bank
+from pipeline.patchcore.coreset import coreset_size
+from pipeline.patchcore.model import PatchCore
+
+#: ``progress(total, description)`` returns a context manager whose ``update(n)`` reports
+#: ``n`` more done (tqdm is one).
+Progress = Callable[[int, str], Any]
+
+
+class _Silent:
+    def update(self, n: float | None = 1, /) -> None:
+        return None
+
+
+@contextlib.contextmanager
+def _silent() -> Iterator[_Silent]:
+    yield _Silent()
+
+
+def no_progress(total: int, desc: str) -> Any:
+    """The default progress factory: reports nothing."""
+    return _silent()
+
+
+def fit_bank(
+    spec: str,
+    out: Path,
+    features: FeatureConfig,
+    coreset: CoresetConfig,
+    scoring: ScoringConfig,
+    *,
+    batch_size: int = 8,
+    progress: Progress = no_progress,
+    evaluate_after: bool = True,
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """Fit a bank on the nominal images of ``spec``, evaluate it on the test split when
+    there is one (to set the threshold), and save it to ``out``.
+
+    Args:
+        spec: dataset spec (``mtd:PATH``, ``elpv:mono``, ...); its train split is fitted.
+        out: the bank directory to write.
+        features, coreset, scoring: the stage settings.
+        batch_size: images per feature-extraction batch.
+        progress: ``progress(total, description)`` returns a context manager with
+            ``update(n)``; the command line passes progress bars.
+        evaluate_after: evaluate on the test split (when there is one) and store the
+            metrics and threshold in the manifest.
+        limit: fit on at most this many training images (and evaluate on as many test images).
+
+    Returns:
+        The bank path and id, its size, the number of training images, skipped files,
+        metrics, threshold and the seconds of each phase.
+    """
+    dataset = open_dataset(spec)
+    if limit:
+        dataset = dataset.subset(limit, limit)
+    model = PatchCore(features, coreset, scoring)
+    timings: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="tracebank-features-") as tmp:
+        start = time.perf_counter()
+        with progress(len(dataset.train), "extracting features (images)") as bar:
+            store: FeatureStore = extract_features(
+                dataset.train, model.extractor, tmp, batch_size=batch_size, on_batch=bar.update
+            )
+        timings["extract_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        feats = store.array()
+        with progress(coreset_size(len(feats), coreset.ratio), "selecting coreset (centres)") as bar:
+            model.fit_features(feats, on_centres=bar.update)
+        timings["coreset_s"] = time.perf_counter() - start
+        del feats
+    metrics = threshold = None
+    if evaluate_after and dataset.test:
+        start = time.perf_counter()
+        with progress(len(dataset.test), "evaluating (images)") as bar:
+            result = evaluate(model, dataset.test, batch_size=batch_size, keep_maps=False, on_batch=bar.update)
+        timings["evaluate_s"] = time.perf_counter() - start
+        metrics = result.metrics
+        if metrics.get("threshold") is not None:
+            threshold = {
+                "value": metrics["threshold"],
+                "method": metrics["threshold_method"],
+                "evaluated_on": spec,
+            }
+    manifest = save_bank(
+        out,
+        model,
+        training=training_record(spec, store, {"timings": timings}),
+        metrics=metrics,
+        threshold=threshold,
+    )
+    return {
+        "bank": str(out),
+        "bank_id": manifest["bank_id"],
+        "bank_size": manifest["bank_size"],
+        "n_train": len(store.files),
+        "skipped": store.skipped,
+        "metrics": metrics,
+        "threshold": threshold,
+        "timings": timings,
+    }
