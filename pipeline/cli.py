@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.data.datasets import DatasetError, open_dataset
-from pipeline.data.images import ImageError, read_image
+from pipeline.data.datasets import IMAGE_SUFFIXES, DatasetError, LoadReport, Sample, batched, load_images, open_dataset
+from pipeline.data.images import ImageError
 from pipeline.evaluation.evaluate import evaluate
 from pipeline.evaluation.overlay import heatmap_overlay
 from pipeline.lifecycle.audit import AuditError
@@ -32,6 +33,8 @@ from .config import ConfigError, CoresetConfig, FeatureConfig, ScoringConfig, fr
 
 #: Exit status for errors in what the user asked (not bugs).
 USER_ERROR = 2
+#: Exit status of ``predict`` when some inputs could not be read (the others are scored).
+PARTLY_FAILED = 1
 Command = Callable[[argparse.Namespace], dict[str, Any]]
 COMMANDS: dict[str, Command] = {}
 
@@ -100,32 +103,68 @@ def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _bank_path(bank: str, registry: str) -> Path:
+    """A bank directory, or a registry bank named by id, unique id prefix or ``production``."""
+    if Path(bank).is_dir():
+        return Path(bank)
+    from pipeline.lifecycle.registry import Registry
+
+    return Registry(registry).bank_dir(bank)
+
+
+def _image_paths(inputs: Sequence[str]) -> list[str]:
+    """Image files, with each folder replaced by the image files inside it, sorted."""
+    paths: list[str] = []
+    for item in inputs:
+        if Path(item).is_dir():
+            found = sorted(str(p) for p in Path(item).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise FileNotFoundError(f"{item}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder")
+            paths += found
+        else:
+            paths.append(item)
+    return paths
+
+
 @command("predict")
 def _predict(args: argparse.Namespace) -> dict[str, Any]:
-    model, manifest = load_bank(args.bank, device=args.device)
+    """Score images in batches; write heatmap overlays only when ``--out`` is given."""
+    start = time.perf_counter()
+    model, manifest = load_bank(_bank_path(args.bank, args.registry), device=args.device)
+    load_s = time.perf_counter() - start
     threshold = (manifest.get("threshold") or {}).get("value")
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = list(args.images)
+    out_dir = Path(args.out) if args.out else None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    paths = _image_paths(args.images)
     if args.data:
         paths += [s.path for s in open_dataset(args.data).subset(None, args.count, seed=0).test]
     if not paths:
-        raise ValueError("give image paths, or --data SPEC to predict on some of its test images")
-    results: list[dict[str, Any]] = []
-    for path in tqdm(paths, desc="predicting", unit="img", disable=args.quiet or args.json, file=sys.stderr):
-        try:
-            image = read_image(path)
-        except ImageError as exc:
-            results.append({"path": path, "error": str(exc)})
-            continue
-        pred = model.predict([image])
-        score = float(pred.scores[0])
-        overlay = heatmap_overlay(image, pred.maps[0], threshold)
-        target = out_dir / f"{Path(path).stem}_heatmap.png"
-        Image.fromarray(overlay).save(target)
-        decision = None if threshold is None else ("anomalous" if score >= threshold else "good")
-        results.append({"path": path, "score": score, "decision": decision, "heatmap": str(target)})
-    return {"bank_id": manifest["bank_id"], "threshold": threshold, "results": results}
+        raise ValueError("give image paths or folders, or --data SPEC to predict on some of its test images")
+    results: dict[str, dict[str, Any]] = {}
+    report = LoadReport()
+    samples = [Sample(path, 0) for path in paths]
+    start = time.perf_counter()
+    with _bar(len(paths), "predicting (images)", args.quiet or args.json) as bar:
+        for batch in batched(load_images(samples, report=report), args.batch_size):
+            images = [image for _, image, _ in batch]
+            pred = model.predict(images, maps=out_dir is not None)
+            for i, (sample, image, _) in enumerate(batch):
+                score = float(pred.scores[i])
+                decision = None if threshold is None else ("anomalous" if score >= threshold else "good")
+                item: dict[str, Any] = {"path": sample.path, "score": score, "decision": decision}
+                if out_dir is not None:
+                    target = out_dir / f"{Path(sample.path).stem}_heatmap.png"
+                    Image.fromarray(heatmap_overlay(image, pred.maps[i], threshold)).save(target)
+                    item["heatmap"] = str(target)
+                results[sample.path] = item
+            bar.update(len(batch))
+    predict_s = time.perf_counter() - start
+    for path, reason in report.skipped:
+        results[path] = {"path": path, "error": reason}
+    timings = {"load_bank_s": load_s, "predict_s": predict_s, "images_per_s": len(paths) / predict_s}
+    return {"bank_id": manifest["bank_id"], "threshold": threshold, "results": [results[p] for p in paths],
+            "timings": timings}
 
 
 @command("import")
@@ -173,19 +212,13 @@ def _rollback(args: argparse.Namespace) -> dict[str, Any]:
     return Registry(args.registry).rollback()
 
 
-AUDIT_FIELDS = ("time", "request_id", "part_id", "bank_id", "score", "decision", "threshold",
-                "input_sha256", "width", "height", "latency_ms")
-LINEAGE_FIELDS = ("status", "data_hash", "data_spec", "git_commit", "created_at", "promoted_at", "model_tag")
-
-
 @command("audit")
 def _audit(args: argparse.Namespace) -> dict[str, Any]:
     """Decisions from the audit database, each joined to its bank's lineage."""
     import csv
     import datetime as dt
 
-    from pipeline.lifecycle.audit import AuditLog
-    from pipeline.lifecycle.registry import Registry
+    from pipeline.lifecycle.audit import AUDIT_FIELDS, LINEAGE_FIELDS, decisions_with_lineage
 
     since = None
     if args.since:
@@ -195,38 +228,18 @@ def _audit(args: argparse.Namespace) -> dict[str, Any]:
             raise ValueError(f"--since {args.since!r} is not an ISO date or time (e.g. 2026-11-25T08:00)") from exc
         if since.tzinfo is None:
             since = since.replace(tzinfo=dt.UTC)
-    if "://" not in args.db and not Path(args.db).is_file():
-        raise FileNotFoundError(
-            f"audit database {args.db} does not exist; pass --db (the service's TRACEBANK_AUDIT_DB)"
-        )
-    log = AuditLog(args.db)
-    registry = Registry(args.registry)
-    lineages: dict[str, dict[str, Any]] = {}
-
-    def lineage(bank_id: str) -> dict[str, Any]:
-        if bank_id not in lineages:
-            try:
-                record = registry.lineage(bank_id)
-                lineages[bank_id] = {k: record.get(k) for k in LINEAGE_FIELDS} | {"metrics": record.get("metrics")}
-            except RegistryError:
-                lineages[bank_id] = {"status": "not in registry " + str(args.registry)}
-        return lineages[bank_id]
-
-    rows = log.query(part_id=args.part, bank_id=args.bank, since=since, limit=args.limit)
-    count = 0
-    if args.json:
-        for decision in rows:
-            print(json.dumps(decision.as_json() | {"lineage": lineage(decision.bank_id)}, default=_json_default))
-            count += 1
-    else:
-        writer = csv.writer(sys.stdout)
+    rows = decisions_with_lineage(args.db, args.registry, part_id=args.part, bank_id=args.bank, since=since,
+                                  limit=args.limit)
+    writer = None if args.json else csv.writer(sys.stdout)
+    if writer is not None:
         writer.writerow([*AUDIT_FIELDS, *(f"bank_{k}" for k in LINEAGE_FIELDS)])
-        for decision in rows:
-            row = decision.as_json()
-            info = lineage(decision.bank_id)
-            writer.writerow([row[k] for k in AUDIT_FIELDS] + [info.get(k) for k in LINEAGE_FIELDS])
-            count += 1
-    log.dispose()
+    count = 0
+    for row in rows:
+        if writer is None:
+            print(json.dumps(row, default=_json_default))
+        else:
+            writer.writerow([row[k] for k in AUDIT_FIELDS] + [row["lineage"].get(k) for k in LINEAGE_FIELDS])
+        count += 1
     if count == 0:
         print("tracebank audit: no decisions match", file=sys.stderr)
     return {}
@@ -246,8 +259,8 @@ def _print_human(name: str, result: dict[str, Any]) -> None:
             if "error" in item:
                 print(f"{item['path']}: ERROR {item['error']}")
             else:
-                print(f"{item['path']}: score {item['score']:.4f} -> {item['decision'] or 'no threshold'}"
-                      f"  ({item['heatmap']})")
+                heatmap = f"  ({item['heatmap']})" if "heatmap" in item else ""
+                print(f"{item['path']}: score {item['score']:.4f} -> {item['decision'] or 'no threshold'}{heatmap}")
         return
     metrics = result.get("metrics", result) or {}
     if name == "fit":
@@ -299,13 +312,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, help="a stratified sample of N test images")
     common(ev)
 
-    pr = sub.add_parser("predict", help="score images and write heatmap overlays")
-    pr.add_argument("bank")
-    pr.add_argument("images", nargs="*")
+    pr = sub.add_parser("predict", help="score images (files or folders); heatmap overlays with --out")
+    pr.add_argument("bank", help="bank directory, or a registry bank id, unique prefix or 'production'")
+    pr.add_argument("images", nargs="*", help="image files or folders of them")
     pr.add_argument("--data", help="also predict on test images of this dataset spec")
     pr.add_argument("--count", type=int, default=6, help="how many test images with --data (half defective)")
-    pr.add_argument("--out", default="out/heatmaps", help="folder for overlays")
+    pr.add_argument("--out", help="write a heatmap overlay per image into this folder")
+    pr.add_argument("--registry", default="banks")
     common(pr)
+    pr.set_defaults(batch_size=16)
 
     im = sub.add_parser("import", help="copy a dataset into the DVC-tracked data folder and dvc add it")
     im.add_argument("spec")
@@ -356,11 +371,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return USER_ERROR
     if args.command == "audit":
         return 0  # rows were streamed as they were read
+    unread = args.command == "predict" and any("error" in item for item in result["results"])
     if getattr(args, "json", False):
         print(json.dumps(result, default=_json_default))
     else:
         _print_human(args.command, result)
-    return 0
+    return PARTLY_FAILED if unread else 0
 
 
 if __name__ == "__main__":

@@ -199,3 +199,47 @@ def _sqlite_pragmas(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
 def _reason(exc: SQLAlchemyError) -> str:
     original = getattr(exc, "orig", None)
     return str(original or exc).splitlines()[0]
+
+
+#: Columns of a decision in ``tracebank audit`` output, then ``bank_`` + each lineage field.
+AUDIT_FIELDS = ("time", "request_id", "part_id", "bank_id", "score", "decision", "threshold",
+                "input_sha256", "width", "height", "latency_ms")
+LINEAGE_FIELDS = ("status", "data_hash", "data_spec", "git_commit", "created_at", "promoted_at", "model_tag")
+
+
+def decisions_with_lineage(
+    db: str, registry_root: str | Path, *, part_id: str | None = None, bank_id: str | None = None,
+    since: dt.datetime | None = None, limit: int | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Decisions matching the filters, oldest first, each with its bank's lineage.
+
+    Args:
+        db: SQLite path or SQLAlchemy URL of the audit database.
+        registry_root: the bank registry whose lineage records are joined.
+
+    Yields:
+        :meth:`Decision.as_json` plus ``"lineage"``: :data:`LINEAGE_FIELDS` and the metrics
+        of the bank that decided (``{"status": "not in registry ..."}`` for an unknown bank).
+
+    Raises:
+        FileNotFoundError: if ``db`` is a path that does not exist.
+    """
+    from .registry import Registry, RegistryError
+
+    if "://" not in db and not Path(db).is_file():
+        raise FileNotFoundError(f"audit database {db} does not exist; pass --db (the service's TRACEBANK_AUDIT_DB)")
+    registry = Registry(registry_root)
+    lineages: dict[str, dict[str, Any]] = {}
+    log = AuditLog(db)
+    try:
+        for decision in log.query(part_id=part_id, bank_id=bank_id, since=since, limit=limit):
+            if decision.bank_id not in lineages:
+                try:
+                    record = registry.lineage(decision.bank_id)
+                    lineages[decision.bank_id] = {k: record.get(k) for k in LINEAGE_FIELDS} | {
+                        "metrics": record.get("metrics")}
+                except RegistryError:
+                    lineages[decision.bank_id] = {"status": f"not in registry {registry_root}"}
+            yield decision.as_json() | {"lineage": lineages[decision.bank_id]}
+    finally:
+        log.dispose()

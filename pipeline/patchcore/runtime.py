@@ -4,7 +4,8 @@ With ``features.runtime: onnx`` the whole :class:`~pipeline.patchcore.features.P
 (normalisation, backbone, 3x3 pooling, bilinear resize, concatenation, projection) is
 exported once to ONNX and run by ONNX Runtime on the CPU. The export is cached as
 ``embedding-<key>.onnx`` under :func:`cache_dir`, where ``key`` hashes the backbone weights'
-sha256, every setting that changes the graph and the exporting library versions. A JSON
+sha256, every setting that changes the graph, the source of the code that defines it and
+the exporting library versions. A JSON
 record beside it holds the file's sha256; the file is hashed before every use and exported
 again when it is missing, changed or truncated. Nothing here needs the network.
 """
@@ -34,8 +35,12 @@ logger = logging.getLogger(__name__)
 
 #: ONNX opset of the export; 17 covers every op used and is read by all recent runtimes.
 OPSET = 17
-#: Bump when :class:`~pipeline.patchcore.features.PatchEmbedding` changes, so old exports are not reused.
+#: Bump when the export procedure itself changes (the graph's source is hashed separately).
 EXPORT_VERSION = 1
+#: The source files that define the exported graph: the embedding module and how weights are
+#: loaded into the backbone. Their bytes are hashed into the cache key, so an edit to either
+#: (a different pooling, say) can never reuse a stale export.
+GRAPH_SOURCES = (Path(__file__).with_name("features.py"), Path(__file__).with_name("backbone.py"))
 
 
 class OnnxExportError(RuntimeError):
@@ -79,9 +84,24 @@ def available_cores() -> int:
     return os.cpu_count() or 1
 
 
+def graph_source_sha256(paths: tuple[Path, ...] = GRAPH_SOURCES) -> str:
+    """sha256 over the bytes of the files that define the exported graph, in order."""
+    digest = hashlib.sha256()
+    for path in paths:
+        data = path.read_bytes()
+        digest.update(f"{path.name}:{len(data)}:".encode())
+        digest.update(data)
+    return digest.hexdigest()
+
+
 def export_settings(config: FeatureConfig, weights_sha256: str) -> dict[str, Any]:
-    """Everything that determines the exported graph, as a JSON-friendly dict."""
+    """Everything that determines the exported graph, as a JSON-friendly dict.
+
+    That is the backbone weights, every feature setting the graph depends on, the source
+    of the code that builds it (:data:`GRAPH_SOURCES`) and the exporting library versions.
+    """
     return {
+        "graph_source_sha256": graph_source_sha256(),
         "weights_sha256": weights_sha256,
         "backbone": config.backbone,
         "levels": list(config.levels),

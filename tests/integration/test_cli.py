@@ -11,9 +11,9 @@ import pytest
 from tests.conftest import REPO
 
 
-def tracebank(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+def tracebank(*args: str, check: bool = True, cwd: Path = REPO) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).parent / "tracebank"
-    proc = subprocess.run([str(exe), *args], capture_output=True, text=True, cwd=REPO, timeout=900)
+    proc = subprocess.run([str(exe), *args], capture_output=True, text=True, cwd=cwd, timeout=900)
     if check and proc.returncode != 0:
         raise AssertionError(f"tracebank {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -62,10 +62,32 @@ def test_predict_scores_and_heatmaps(bank, elpv_mono, tmp_path):
     bad = next(s.path for s in elpv_mono.test if s.label == 1)
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n")
-    proc = tracebank("predict", str(out), good, bad, str(broken), "--out", str(tmp_path / "maps"), "--json")
+    proc = tracebank("predict", str(out), good, bad, str(broken), "--out", str(tmp_path / "maps"), "--json",
+                     check=False)
+    assert proc.returncode == 1  # one input could not be read; the others are scored
     results = json.loads(proc.stdout)["results"]
     assert results[0]["decision"] in ("good", "anomalous") and Path(results[0]["heatmap"]).is_file()
     assert "broken.png" in results[2]["error"]
+
+
+def test_predict_takes_a_folder_in_batches_and_writes_heatmaps_only_with_out(bank, elpv_mono, tmp_path):
+    from pipeline.data.images import read_image
+    from pipeline.patchcore.bank import load_bank
+
+    out, _ = bank
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    samples = elpv_mono.test[:5]
+    for i, sample in enumerate(samples):
+        (folder / f"part{i}{Path(sample.path).suffix}").write_bytes(Path(sample.path).read_bytes())
+    (folder / "notes.txt").write_text("not an image")
+    proc = tracebank("predict", str(out), str(folder), "--batch-size", "2", "--json", cwd=tmp_path)
+    results = json.loads(proc.stdout)["results"]
+    assert [Path(r["path"]).stem for r in results] == [f"part{i}" for i in range(5)]
+    assert not any("heatmap" in r for r in results) and list(tmp_path.rglob("*_heatmap.png")) == []
+    model, _ = load_bank(out)  # one image at a time through the library: same scores
+    for sample, result in zip(samples, results, strict=True):
+        assert result["score"] == pytest.approx(float(model.predict([read_image(sample.path)]).scores[0]), rel=1e-4)
 
 
 def test_corrupt_bank_is_a_one_line_error(bank, tmp_path):

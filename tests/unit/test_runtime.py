@@ -124,3 +124,31 @@ def test_wrong_pixels_are_refused(onnx_extractor):
 def test_runtime_setting_is_validated(values, message):
     with pytest.raises(ConfigError, match=message):
         FeatureConfig(**values)
+
+
+def test_cache_key_follows_the_source_of_the_graph(tmp_path, monkeypatch):
+    """Editing the embedding's code (a different pooling, say) must never reuse an old export."""
+    import hashlib
+
+    from pipeline.patchcore import runtime
+
+    copies = []
+    for source in runtime.GRAPH_SOURCES:
+        copy = tmp_path / source.name
+        copy.write_bytes(source.read_bytes())
+        copies.append(copy)
+    expected = hashlib.sha256()
+    for source in runtime.GRAPH_SOURCES:
+        data = source.read_bytes()
+        expected.update(f"{source.name}:{len(data)}:".encode() + data)
+    base = export_settings(FeatureConfig(), "a" * 64)
+    assert base["graph_source_sha256"] == expected.hexdigest()
+
+    monkeypatch.setattr(runtime, "GRAPH_SOURCES", tuple(copies))
+    monkeypatch.setattr(runtime.graph_source_sha256, "__defaults__", (tuple(copies),))
+    assert cache_key(export_settings(FeatureConfig(), "a" * 64)) == cache_key(base)
+    features = copies[0]
+    text = features.read_text()
+    assert "kernel_size=k" in text
+    features.write_text(text.replace("kernel_size=k", "kernel_size=k + 2", 1))
+    assert cache_key(export_settings(FeatureConfig(), "a" * 64)) != cache_key(base)
