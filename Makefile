@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/tracebank import elpv:mono
+	test -d data/train || $(VENV)/bin/tracebank import elpv:mono
 	$(PY) -m flows.train
 
 test: $(STAMP)

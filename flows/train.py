@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--import", dest="source", help="dataset spec to import into data/ first")
     parser.add_argument("--limit-train", type=int, help="import only N training images")
     parser.add_argument("--limit-test", type=int, help="import only N test images")
+    parser.add_argument("--replace", action="store_true", help="with --import: replace a data/ that holds a dataset")
     parser.add_argument("--runner", default="thread", choices=["thread", "dask"])
     parser.add_argument("--no-promote", action="store_true")
     parser.add_argument("--serve", metavar="CRON", help="serve the retrain flow on this cron schedule")
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         retrain_if_changed.serve(name="nightly-retrain", cron=args.serve)
         return 0
     if args.source:
-        import_dataset(args.source, "data", n_train=args.limit_train, n_test=args.limit_test)
+        import_dataset(args.source, "data", n_train=args.limit_train, n_test=args.limit_test, replace=args.replace)
     try:
         outcome = with_runner(args.runner)(auto_promote=not args.no_promote)
     except ValidationFailed as exc:

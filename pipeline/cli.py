@@ -29,6 +29,7 @@ from pipeline.lifecycle.fitting import Progress, fit_bank
 from pipeline.lifecycle.registry import RegistryError
 from pipeline.patchcore.bank import BankError, load_bank
 
+from .cli_args import build_parser
 from .config import ConfigError, CoresetConfig, FeatureConfig, ScoringConfig, from_mapping
 
 #: Exit status for errors in what the user asked (not bugs).
@@ -167,20 +168,41 @@ def _predict(args: argparse.Namespace) -> dict[str, Any]:
             "timings": timings}
 
 
-@command("import")
-def _import(args: argparse.Namespace) -> dict[str, Any]:
+def _dvc_add(root: str) -> str | None:
+    """``dvc add`` the data root; returns its new DVC hash."""
     import subprocess
 
-    from pipeline.data.importer import import_dataset
-
-    dataset = import_dataset(args.spec, args.root, n_train=args.limit_train, n_test=args.limit_test)
-    proc = subprocess.run([sys.executable, "-m", "dvc", "add", "-q", args.root], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise ValueError(f"dvc add {args.root} failed: {proc.stderr.strip() or proc.stdout.strip()}")
     from pipeline.lifecycle.steps import dvc_data_hash
 
-    return {"root": args.root, "n_train": len(dataset.train), "n_test": len(dataset.test),
-            "data_hash": dvc_data_hash(f"{args.root}.dvc")}
+    proc = subprocess.run([sys.executable, "-m", "dvc", "add", "-q", root], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ValueError(f"dvc add {root} failed: {proc.stderr.strip() or proc.stdout.strip()}")
+    return dvc_data_hash(f"{root}.dvc")
+
+
+@command("import")
+def _import(args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.data.importer import import_dataset
+
+    imported = import_dataset(args.spec, args.root, n_train=args.limit_train, n_test=args.limit_test,
+                              replace=args.replace)
+    return {"root": args.root, "n_train": len(imported.dataset.train), "n_test": len(imported.dataset.test),
+            "skipped": [{"path": p, "reason": r} for p, r in imported.skipped], "data_hash": _dvc_add(args.root)}
+
+
+@command("add")
+def _add(args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.data.intake import add_nominal
+    from pipeline.data.validation import ValidationConfig
+
+    config = ValidationConfig()
+    if Path(args.params).is_file():
+        from pipeline.lifecycle.steps import Params
+
+        config = Params.load(args.params).validation
+    report = add_nominal(args.paths, args.root, config=config, quarantine=args.quarantine)
+    data_hash = _dvc_add(args.root) if report.added else None
+    return report.as_json() | {"root": args.root, "data_hash": data_hash}
 
 
 @command("banks")
@@ -251,7 +273,21 @@ def _print_human(name: str, result: dict[str, Any]) -> None:
             auroc = "-" if row["image_auroc"] is None else f"{row['image_auroc']:.3f}"
             print(f"{row['bank_id']}  {row['status']:10s}  {row['created_at']}  image_auroc {auroc}")
         return
-    if name in ("lineage", "promote", "rollback", "import"):
+    if name == "add":
+        print(f"added {result['n_added']} image(s) to {result['root']}/train/good, {result['n_duplicates']} "
+              f"duplicate(s) skipped, {result['n_quarantined']} quarantined; data hash {result['data_hash']}")
+        for item in result["duplicates"]:
+            print(f"duplicate {item['source']}: same bytes as {item['same_as']}")
+        for item in result["quarantined"]:
+            print(f"quarantined {item['source']} -> {item['path']}: {item['reason']}")
+        return
+    if name == "import":
+        print(f"imported {result['n_train']} training and {result['n_test']} test image(s) into {result['root']}; "
+              f"data hash {result['data_hash']}")
+        for item in result["skipped"]:
+            print(f"skipped {item['path']}: {item['reason']}")
+        return
+    if name in ("lineage", "promote", "rollback"):
         print(json.dumps(result, indent=2, default=_json_default))
         return
     if name == "predict":
@@ -276,77 +312,6 @@ def _print_human(name: str, result: dict[str, Any]) -> None:
         print(f"{key:12s} {value:.1f}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tracebank", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-        p.add_argument("--quiet", action="store_true", help="no progress bars")
-        p.add_argument("--device", default="cpu", help="cpu or cuda")
-        p.add_argument("--batch-size", type=int, default=8)
-
-    defaults = FeatureConfig()
-    fit = sub.add_parser("fit", help="fit a memory bank on nominal images")
-    fit.add_argument("--data", required=True, help="mvtec:PATH/CAT, mtd:PATH, elpv:mono|poly, folder:PATH")
-    fit.add_argument("--out", required=True, help="bank directory to create")
-    fit.add_argument("--backbone", default=defaults.backbone)
-    fit.add_argument("--weights", default=defaults.weights, help="default | hub | PATH.pth | PATH.safetensors")
-    fit.add_argument("--levels", default=",".join(map(str, defaults.levels)))
-    fit.add_argument("--size", type=int, default=defaults.image_size)
-    fit.add_argument("--resize", default=defaults.resize, choices=["squash", "letterbox"])
-    fit.add_argument("--normalization", default=defaults.normalization, choices=["tf", "imagenet"])
-    fit.add_argument("--runtime", choices=["onnx", "torch"],
-                     help="feature runtime: onnx (ONNX Runtime, CPU; the default there) or torch (eager)")
-    fit.add_argument("--ratio", type=float, default=CoresetConfig().ratio, help="coreset ratio in (0, 1]")
-    fit.add_argument("--seed", type=int, default=0)
-    fit.add_argument("--neighbors", type=int, default=ScoringConfig().num_neighbors)
-    fit.add_argument("--index", default="flat", choices=["flat", "ivfpq"])
-    fit.add_argument("--limit", type=int, help="use only the first N training / N test images")
-    fit.add_argument("--no-evaluate", action="store_true", help="skip evaluation (no threshold)")
-    common(fit)
-
-    ev = sub.add_parser("evaluate", help="image AUROC, pixel AUROC and PRO of a bank on a dataset")
-    ev.add_argument("bank")
-    ev.add_argument("--data", required=True)
-    ev.add_argument("--limit", type=int, help="a stratified sample of N test images")
-    common(ev)
-
-    pr = sub.add_parser("predict", help="score images (files or folders); heatmap overlays with --out")
-    pr.add_argument("bank", help="bank directory, or a registry bank id, unique prefix or 'production'")
-    pr.add_argument("images", nargs="*", help="image files or folders of them")
-    pr.add_argument("--data", help="also predict on test images of this dataset spec")
-    pr.add_argument("--count", type=int, default=6, help="how many test images with --data (half defective)")
-    pr.add_argument("--out", help="write a heatmap overlay per image into this folder")
-    pr.add_argument("--registry", default="banks")
-    common(pr)
-    pr.set_defaults(batch_size=16)
-
-    im = sub.add_parser("import", help="copy a dataset into the DVC-tracked data folder and dvc add it")
-    im.add_argument("spec")
-    im.add_argument("--root", default="data")
-    im.add_argument("--limit-train", type=int)
-    im.add_argument("--limit-test", type=int)
-    im.add_argument("--json", action="store_true")
-    for name, text in (("banks", "list banks with their status"), ("lineage", "lineage record of a bank"),
-                       ("promote", "make a bank that passed its gates the production bank"),
-                       ("rollback", "return to the previous production bank")):
-        p = sub.add_parser(name, help=text)
-        if name in ("lineage", "promote"):
-            p.add_argument("bank", help="bank id, unique prefix, or 'production'")
-        p.add_argument("--registry", default="banks")
-        p.add_argument("--json", action="store_true")
-    au = sub.add_parser("audit", help="which bank decided what: decisions joined to bank lineage (CSV or JSON lines)")
-    au.add_argument("--part", help="only this part id")
-    au.add_argument("--bank", help="only this bank id (or prefix)")
-    au.add_argument("--since", help="only decisions at or after this ISO time (UTC unless an offset is given)")
-    au.add_argument("--limit", type=int)
-    au.add_argument("--db", default="audit/decisions.sqlite", help="SQLite path or SQLAlchemy URL")
-    au.add_argument("--registry", default="banks")
-    au.add_argument("--json", action="store_true", help="one JSON object per decision (JSON lines)")
-    return parser
-
-
 def _json_default(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
@@ -356,7 +321,7 @@ def _json_default(value: Any) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(__doc__.splitlines()[0].replace("``", "")).parse_args(argv)
     try:
         result = COMMANDS[args.command](args)
     except BrokenPipeError:  # `tracebank audit | head`: the reader has what it wanted

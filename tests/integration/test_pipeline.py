@@ -164,9 +164,11 @@ def test_new_nominal_images_trigger_a_retrain_that_is_promoted(flow_project, elp
     unchanged = json.loads(run(project, sys.executable, "-c", code).stdout.strip().splitlines()[-1])
     assert unchanged["retrained"] is False
     before = production(project)
-    from pipeline.data.importer import add_nominal
+    from pipeline.data.intake import add_nominal
 
-    add_nominal([s.path for s in elpv_mono.train[100:106]], project / "data")
+    added = add_nominal([s.path for s in elpv_mono.train[100:106]], project / "data",
+                        quarantine=project / "quarantine")
+    assert len(added.added) == 6
     outcome = json.loads(run(project, sys.executable, "-c", code).stdout.strip().splitlines()[-1])
     assert outcome["retrained"] is True and outcome["status"] == "production"
     assert production(project) == outcome["bank_id"] != before
