@@ -93,9 +93,10 @@ def _publish(outcome: dict[str, Any], metrics: dict[str, Any], report: str | Non
     rows = [{"metric": k, "value": metrics.get(k)} for k in ("image_auroc", "pixel_auroc", "pro", "n_good", "n_defect")]
     create_table_artifact(key="metrics", table=rows, description=f"bank {outcome['bank_id']}")
     gates = outcome["gates"]
-    lines = [f"# bank {outcome['bank_id']}: {outcome['status']}", "", "| check | value | limit | passed |",
+    lines = [f"# bank {outcome['bank_id']}: {outcome['status']}", "", "| check | value | limit | status |",
              "|---|---|---|---|"]
-    lines += [f"| {c['name']} | {c['value']} | {c['limit']} | {c['passed']} |" for c in gates["checks"]]
+    lines += [f"| {c['name']} | {c['value']} | {c['limit']} | {c.get('status', c['passed'])} |"
+              for c in gates["checks"]]
     if report:
         lines += ["", f"Report: [{report}](file://{Path(report).resolve()})"]
     create_markdown_artifact(key="gate-results", markdown="\n".join(lines))

@@ -238,18 +238,10 @@ def _rollback(args: argparse.Namespace) -> dict[str, Any]:
 def _audit(args: argparse.Namespace) -> dict[str, Any]:
     """Decisions from the audit database, each joined to its bank's lineage."""
     import csv
-    import datetime as dt
 
-    from pipeline.lifecycle.audit import AUDIT_FIELDS, LINEAGE_FIELDS, decisions_with_lineage
+    from pipeline.lifecycle.audit import AUDIT_FIELDS, LINEAGE_FIELDS, decisions_with_lineage, parse_since
 
-    since = None
-    if args.since:
-        try:
-            since = dt.datetime.fromisoformat(args.since)
-        except ValueError as exc:
-            raise ValueError(f"--since {args.since!r} is not an ISO date or time (e.g. 2026-11-25T08:00)") from exc
-        if since.tzinfo is None:
-            since = since.replace(tzinfo=dt.UTC)
+    since = parse_since(args.since) if args.since else None
     rows = decisions_with_lineage(args.db, args.registry, part_id=args.part, bank_id=args.bank, since=since,
                                   limit=args.limit)
     writer = None if args.json else csv.writer(sys.stdout)

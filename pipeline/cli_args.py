@@ -78,7 +78,8 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     au = sub.add_parser("audit", help="which bank decided what: decisions joined to bank lineage (CSV or JSON lines)")
     au.add_argument("--part", help="only this part id")
     au.add_argument("--bank", help="only this bank id (or prefix)")
-    au.add_argument("--since", help="only decisions at or after this ISO time (UTC unless an offset is given)")
+    au.add_argument("--since", help="only decisions at or after this ISO time (UTC unless an offset is given) "
+                                    "or within this age (30m, 2h, 7d)")
     au.add_argument("--limit", type=int)
     au.add_argument("--db", default="audit/decisions.sqlite", help="SQLite path or SQLAlchemy URL")
     au.add_argument("--registry", default="banks")

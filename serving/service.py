@@ -7,6 +7,7 @@ open http://127.0.0.1:3000 for the Swagger UI. Settings come from the environmen
     TRACEBANK_MODEL_TAG       serve this model-store tag instead (e.g. inside a Bento)
     TRACEBANK_AUDIT_DB        SQLAlchemy URL or SQLite path (``audit/decisions.sqlite``)
     TRACEBANK_AUDIT_LOCK_S    longest wait for a locked audit database before 503 (5)
+    TRACEBANK_AUDIT_MAX_MB    SQLite: largest size of the audit database; when full, 503 as on a full disk
     TRACEBANK_ADMIN_TOKEN     bearer token for ``/reload``; reload is refused when unset
     TRACEBANK_MAX_REQUEST_MB  largest request body, checked before it is read (20)
     TRACEBANK_MAX_PIXELS      largest image in pixels, checked before decoding (40,000,000)
@@ -55,6 +56,7 @@ class Settings:
     model_tag: str | None = None
     audit_db: str = "audit/decisions.sqlite"
     audit_lock_s: float = 5.0
+    audit_max_mb: float | None = None
     admin_token: str | None = None
     max_request_bytes: int = 20 * 1024 * 1024
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -67,15 +69,18 @@ class Settings:
             max_mb = float(env.get("TRACEBANK_MAX_REQUEST_MB", "20"))
             max_pixels = int(env.get("TRACEBANK_MAX_PIXELS", str(DEFAULT_MAX_PIXELS)))
             lock_s = float(env.get("TRACEBANK_AUDIT_LOCK_S", "5"))
+            audit_max_mb = float(env["TRACEBANK_AUDIT_MAX_MB"]) if env.get("TRACEBANK_AUDIT_MAX_MB") else None
         except ValueError as exc:
             raise ValueError(
-                f"TRACEBANK_MAX_REQUEST_MB, TRACEBANK_MAX_PIXELS and TRACEBANK_AUDIT_LOCK_S must be numbers: {exc}"
+                "TRACEBANK_MAX_REQUEST_MB, TRACEBANK_MAX_PIXELS, TRACEBANK_AUDIT_LOCK_S and TRACEBANK_AUDIT_MAX_MB "
+                f"must be numbers: {exc}"
             ) from exc
         return cls(
             registry=env.get("TRACEBANK_REGISTRY", "banks"),
             model_tag=env.get("TRACEBANK_MODEL_TAG") or None,
             audit_db=env.get("TRACEBANK_AUDIT_DB", "audit/decisions.sqlite"),
             audit_lock_s=lock_s,
+            audit_max_mb=audit_max_mb,
             admin_token=env.get("TRACEBANK_ADMIN_TOKEN") or None,
             max_request_bytes=int(max_mb * 1024 * 1024),
             max_pixels=max_pixels,
@@ -128,7 +133,8 @@ class Inspection:
 
     def __init__(self) -> None:
         self.settings = SETTINGS
-        self.audit = AuditLog(self.settings.audit_db, lock_timeout_s=self.settings.audit_lock_s)
+        self.audit = AuditLog(self.settings.audit_db, lock_timeout_s=self.settings.audit_lock_s,
+                              max_mb=self.settings.audit_max_mb)
         self._predict_lock = threading.Lock()
         self._reload_lock = threading.Lock()
         self.bank: LoadedBank | None = None

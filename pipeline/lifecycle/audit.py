@@ -96,9 +96,13 @@ class AuditLog:
     Args:
         url: SQLAlchemy URL or a path to a SQLite file (created with its folder).
         lock_timeout_s: longest wait for a lock before :class:`AuditError`.
+        max_mb: SQLite only: the largest the database file may grow (``PRAGMA
+            max_page_count``); past it a write fails as on a full disk ("database or disk
+            is full") and the caller answers 503. None: limited by the disk alone.
     """
 
-    def __init__(self, url: str | Path, *, lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S) -> None:
+    def __init__(self, url: str | Path, *, lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S,
+                 max_mb: float | None = None) -> None:
         self.url = database_url(url)
         self.is_sqlite = self.url.startswith("sqlite")
         connect_args: dict[str, Any] = {}
@@ -112,6 +116,13 @@ class AuditLog:
         self.engine = sa.create_engine(self.url, connect_args=connect_args, pool_pre_ping=not self.is_sqlite)
         if self.is_sqlite:
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+            if max_mb is not None:
+                max_pages = max(2, int(max_mb * 1024 * 1024 // SQLITE_PAGE_SIZE))
+
+                def _limit(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
+                    dbapi_conn.execute(f"PRAGMA max_page_count={max_pages}")
+
+                sa.event.listen(self.engine, "connect", _limit)
         try:
             metadata.create_all(self.engine)
         except SQLAlchemyError as exc:
@@ -189,6 +200,10 @@ def _utc(value: dt.datetime) -> dt.datetime:
     return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
 
 
+#: SQLite's default page size, which the audit database keeps.
+SQLITE_PAGE_SIZE = 4096
+
+
 def _sqlite_pragmas(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
     cursor = dbapi_conn.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -243,3 +258,26 @@ def decisions_with_lineage(
             yield decision.as_json() | {"lineage": lineages[decision.bank_id]}
     finally:
         log.dispose()
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_since(text: str, now: dt.datetime | None = None) -> dt.datetime:
+    """``--since`` as a UTC time: an ISO date or time (UTC unless it has an offset), or an
+    age such as ``30m``, ``2h``, ``7d`` (``s``, ``m``, ``h``, ``d``, ``w``) before ``now``.
+
+    Raises:
+        ValueError: naming the value and the accepted forms.
+    """
+    value = text.strip()
+    if value[:-1].isdigit() and value[-1:].lower() in _UNITS:
+        now = now or dt.datetime.now(dt.UTC)
+        return now - dt.timedelta(seconds=int(value[:-1]) * _UNITS[value[-1].lower()])
+    try:
+        since = dt.datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise ValueError(
+            f"--since {text!r} is neither an ISO date or time (2026-11-25T08:00) nor an age (30m, 2h, 7d)"
+        ) from exc
+    return since if since.tzinfo is not None else since.replace(tzinfo=dt.UTC)

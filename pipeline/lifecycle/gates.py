@@ -16,12 +16,15 @@ class GateConfig:
             pixel AUROC floors apply only where the evaluation set has masks.
         max_regression: largest allowed drop of any gated metric against the production
             bank on the same evaluation set.
+        require_masks: a PRO or pixel-AUROC floor that cannot be evaluated (the evaluation
+            set has no masks) fails instead of being reported as not evaluated.
     """
 
     image_auroc_min: float | None = 0.8
     pro_min: float | None = 0.6
     pixel_auroc_min: float | None = 0.8
     max_regression: float = 0.02
+    require_masks: bool = False
 
     def __post_init__(self) -> None:
         for name in ("image_auroc_min", "pro_min", "pixel_auroc_min"):
@@ -46,7 +49,9 @@ def check_gates(
 
     Returns:
         ``{"passed": bool, "checks": [...], "failures": [reason, ...]}``; every check has
-        ``name``, ``value``, ``limit`` and ``passed``.
+        ``name``, ``value``, ``limit``, ``passed`` and ``status`` (``"passed"``, ``"failed"``
+        or ``"not evaluated"``, the last with a ``reason``). A floor that cannot be evaluated
+        is listed, never silently dropped.
     """
     checks: list[dict[str, Any]] = []
     floors = {
@@ -58,10 +63,13 @@ def check_gates(
         if floor is None:
             continue
         value = metrics.get(key)
-        if value is None and key != "image_auroc":
-            continue  # no masks in this evaluation set: nothing to gate on
+        check = {"name": f"{key} >= {floor}", "value": value, "limit": floor}
+        if value is None and key != "image_auroc" and not config.require_masks:
+            checks.append(check | {"passed": True, "status": "not evaluated",
+                                   "reason": "the evaluation set has no masks (gates.require_masks: false)"})
+            continue
         ok = value is not None and value >= floor
-        checks.append({"name": f"{key} >= {floor}", "value": value, "limit": floor, "passed": ok})
+        checks.append(check | {"passed": ok, "status": "passed" if ok else "failed"})
     if production:
         for key in floors:
             new, old = metrics.get(key), production.get(key)
@@ -71,9 +79,11 @@ def check_gates(
             checks.append({
                 "name": f"{key} not below production {old:.4f} - {config.max_regression}",
                 "value": new, "limit": limit, "passed": new >= limit,
+                "status": "passed" if new >= limit else "failed",
             })
     failures = [
         f"{c['name']} failed (got {c['value'] if c['value'] is None else round(c['value'], 4)})"
+        + ("; gates.require_masks is true but the evaluation set has no masks" if c["value"] is None else "")
         for c in checks if not c["passed"]
     ]
     return {"passed": not failures, "checks": checks, "failures": failures}

@@ -8,7 +8,6 @@ import io
 import json
 import random
 import sqlite3
-import subprocess
 import threading
 import time
 from collections import Counter
@@ -156,26 +155,27 @@ def test_locked_audit_database_gives_503_then_recovers(project):
 
 
 def test_full_disk_gives_503_then_recovers(project, tmp_path):
-    mount = tmp_path / "small-disk"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
-    try:
-        db = mount / "audit.sqlite"
-        with running(project["root"], TRACEBANK_AUDIT_DB=str(db)) as server, httpx.Client() as client:
-            assert server.predict(client, project["good"][0], "before-full").status_code == 200
-            filler = mount / "filler"
-            with open(filler, "wb") as f, contextlib.suppress(OSError):
-                while True:
-                    f.write(b"\0" * 65536)
-                    f.flush()
-            statuses = [server.predict(client, project["good"][0], f"full-{i}").status_code for i in range(12)]
-            filler.unlink()
-            recovered = server.predict(client, project["good"][0], "after-full")
-        assert 503 in statuses and set(statuses) <= {200, 503}, statuses
-        assert recovered.status_code == 200
-        rows = rows_of(db)
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
+    """A real "database or disk is full" from SQLite, without privileges: the database may
+    not grow past TRACEBANK_AUDIT_MAX_MB, and another writer fills it to that limit."""
+    db = tmp_path / "audit.sqlite"
+    with running(project["root"], TRACEBANK_AUDIT_DB=str(db), TRACEBANK_AUDIT_MAX_MB="0.25") as server, \
+            httpx.Client() as client:
+        assert server.predict(client, project["good"][0], "before-full").status_code == 200
+        filler = sqlite3.connect(db, isolation_level=None, timeout=10)
+        filler.execute(f"PRAGMA max_page_count={int(0.25 * 1024 * 1024 // 4096)}")
+        filler.execute("CREATE TABLE filler (blob BLOB)")
+        with contextlib.suppress(sqlite3.OperationalError):  # "database or disk is full"
+            while True:
+                filler.execute("INSERT INTO filler VALUES (zeroblob(2048))")
+        statuses: list[int] = []
+        while len(statuses) < 80 and statuses.count(503) < 5:  # until the audit table's last page is full
+            statuses.append(server.predict(client, project["good"][0], f"full-{len(statuses)}").status_code)
+        filler.execute("DROP TABLE filler")  # frees its pages for the audit rows
+        filler.close()
+        recovered = server.predict(client, project["good"][0], "after-full")
+    assert 503 in statuses and set(statuses) <= {200, 503}, statuses
+    assert recovered.status_code == 200
+    rows = rows_of(db)
     answered = {f"full-{i}" for i, s in enumerate(statuses) if s == 200}
     assert {r["part_id"] for r in rows} == {"before-full", "after-full"} | answered
     record("full_disk", {"statuses_while_full": statuses})

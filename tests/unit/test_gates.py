@@ -1,0 +1,74 @@
+"""Promotion gates against hand-worked cases: each floor, non-regression, missing metrics."""
+
+import pytest
+
+from pipeline.lifecycle.gates import GateConfig, check_gates
+
+CONFIG = GateConfig(image_auroc_min=0.9, pro_min=0.7, pixel_auroc_min=0.8, max_regression=0.02)
+GOOD = {"image_auroc": 0.95, "pro": 0.75, "pixel_auroc": 0.85}
+
+
+def by_name(result):
+    return {c["name"]: c for c in result["checks"]}
+
+
+def test_a_candidate_over_every_floor_passes():
+    result = check_gates(GOOD, CONFIG)
+    assert result["passed"] and result["failures"] == []
+    assert [c["status"] for c in result["checks"]] == ["passed"] * 3
+
+
+@pytest.mark.parametrize(("key", "value"), [("image_auroc", 0.89), ("pro", 0.69), ("pixel_auroc", 0.79)])
+def test_each_floor_fails_alone_just_below_it(key, value):
+    result = check_gates(GOOD | {key: value}, CONFIG)
+    assert not result["passed"]
+    assert len(result["failures"]) == 1 and result["failures"][0].startswith(f"{key} >= ")
+    assert f"got {value}" in result["failures"][0]
+
+
+def test_a_floor_is_met_at_equality():
+    assert check_gates({"image_auroc": 0.9, "pro": 0.7, "pixel_auroc": 0.8}, CONFIG)["passed"]
+
+
+def test_non_regression_against_production_on_the_same_set():
+    production = {"image_auroc": 0.97, "pro": 0.80, "pixel_auroc": 0.86}
+    # image 0.95 >= 0.97 - 0.02 (equal passes); pro 0.75 < 0.80 - 0.02 = 0.78 fails; pixel 0.85 >= 0.84
+    result = check_gates(GOOD, CONFIG, production)
+    checks = by_name(result)
+    assert checks["image_auroc not below production 0.9700 - 0.02"]["passed"]
+    assert checks["image_auroc not below production 0.9700 - 0.02"]["limit"] == pytest.approx(0.95)
+    assert not checks["pro not below production 0.8000 - 0.02"]["passed"]
+    assert checks["pixel_auroc not below production 0.8600 - 0.02"]["passed"]
+    assert [f.split(" failed")[0] for f in result["failures"]] == ["pro not below production 0.8000 - 0.02"]
+
+
+def test_floors_without_masks_are_reported_not_evaluated_or_fail_when_masks_are_required():
+    no_masks = {"image_auroc": 0.95, "pro": None, "pixel_auroc": None}
+    result = check_gates(no_masks, CONFIG)
+    assert result["passed"]
+    statuses = {c["name"]: c["status"] for c in result["checks"]}
+    assert statuses == {"image_auroc >= 0.9": "passed", "pro >= 0.7": "not evaluated",
+                        "pixel_auroc >= 0.8": "not evaluated"}
+    strict = check_gates(no_masks, GateConfig(image_auroc_min=0.9, pro_min=0.7, pixel_auroc_min=0.8,
+                                              require_masks=True))
+    assert not strict["passed"] and len(strict["failures"]) == 2
+    assert all("no masks" in f for f in strict["failures"])
+
+
+def test_a_missing_image_auroc_fails_and_a_disabled_floor_is_not_checked():
+    result = check_gates({"pro": 0.9, "pixel_auroc": 0.9}, CONFIG)
+    assert not result["passed"] and result["failures"][0].startswith("image_auroc >= 0.9 failed (got None)")
+    loose = check_gates({"image_auroc": 0.5}, GateConfig(image_auroc_min=None, pro_min=None, pixel_auroc_min=None))
+    assert loose == {"passed": True, "checks": [], "failures": []}
+
+
+def test_a_production_metric_that_is_missing_skips_only_that_comparison():
+    result = check_gates(GOOD, CONFIG, {"image_auroc": 0.99})
+    names = [c["name"] for c in result["checks"]]
+    assert names[-1] == "image_auroc not below production 0.9900 - 0.02" and len(names) == 4
+    assert not result["passed"]  # 0.95 < 0.97
+
+
+def test_floors_outside_zero_one_are_refused():
+    with pytest.raises(ValueError, match=r"gates.pro_min must be in \[0, 1\]"):
+        GateConfig(pro_min=1.5)
