@@ -245,5 +245,6 @@ def test_bentoml_build_packs_the_service(tmp_path):
                           text=True, timeout=300, env={**os.environ, "BENTOML_HOME": str(home)})
     assert proc.returncode == 0, proc.stderr[-2000:]
     bento = next(p for p in (home / "bentos" / "tracebank").iterdir() if p.name != "latest")
-    assert (bento / "src" / "serving" / "service.py").is_file() and (bento / "src" / "pipeline" / "patchcore" / "bank.py").is_file()
+    assert (bento / "src" / "serving" / "service.py").is_file()
+    assert (bento / "src" / "pipeline" / "patchcore" / "bank.py").is_file()
     assert "serving.service:Inspection" in (bento / "bento.yaml").read_text()
