@@ -29,7 +29,10 @@ from .backbone import packaged_weights_path, sha256_file
 from .index import NNIndex
 from .model import PatchCore
 
-FORMAT = "tracebank-bank/1"
+FORMAT = "tracebank-bank/2"
+#: Formats this version reads: /1 banks hashed machine-specific paths into their id (kept
+#: readable with their own id rule so registered banks stay valid).
+READABLE_FORMATS = ("tracebank-bank/1", FORMAT)
 MANIFEST = "manifest.json"
 #: Manifest sections covered by the bank id; metrics and threshold may be added later.
 _IDENTITY_KEYS = ("format", "backbone", "params", "training", "files")
@@ -49,8 +52,37 @@ def _canonical(obj: Any) -> bytes:
 
 
 def bank_id_of(manifest: Mapping[str, Any]) -> str:
-    """Content hash identifying a bank: 16 hex digits of sha256 over its identity sections."""
-    return hashlib.sha256(_canonical({k: manifest[k] for k in _IDENTITY_KEYS})).hexdigest()[:16]
+    """Content hash identifying a bank: 16 hex digits of sha256 over what made it.
+
+    That is the weights (by sha256), the settings, the training images (by sha256) and the
+    artifact files (by sha256); nothing machine-specific: no path of the weights, the data
+    or the checkout, no time, host or device. The same data and params fitted from two
+    checkouts, or through DVC and through Prefect, give the same id.
+    """
+    if manifest.get("format") == "tracebank-bank/1":
+        return hashlib.sha256(_canonical({k: manifest[k] for k in _IDENTITY_KEYS})).hexdigest()[:16]
+    return hashlib.sha256(_canonical(identity(manifest))).hexdigest()[:16]
+
+
+def identity(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """The machine-independent part of a manifest that :func:`bank_id_of` hashes."""
+    backbone = {k: v for k, v in manifest["backbone"].items() if k != "weights_source"}
+    params = json.loads(json.dumps(manifest["params"]))
+    features = params.get("features", {})
+    features.pop("device", None)
+    if features.get("weights") not in (None, "default", "hub"):
+        features["weights"] = "file"  # which file is told by backbone.weights_sha256
+    training = manifest["training"]
+    return {
+        "format": manifest["format"],
+        "backbone": backbone,
+        "params": params,
+        "training": {
+            "images_sha256": sorted(f["sha256"] for f in training.get("files", [])),
+            "n_skipped": len(training.get("skipped", [])),
+        },
+        "files": manifest["files"],
+    }
 
 
 def _versions() -> dict[str, str]:
@@ -163,8 +195,8 @@ def read_manifest(directory: str | Path, *, verify: bool = True) -> dict[str, An
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BankError(f"{path} is not valid JSON ({exc}); the bank is corrupt") from exc
-    if manifest.get("format") != FORMAT:
-        raise BankError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    if manifest.get("format") not in READABLE_FORMATS:
+        raise BankError(f"{path}: format {manifest.get('format')!r}, expected one of {', '.join(READABLE_FORMATS)}")
     if verify:
         for name, expected in manifest["files"].items():
             file = directory / name

@@ -100,3 +100,24 @@ def test_corrupt_bank_is_a_one_line_error(bank, tmp_path):
     proc = tracebank("evaluate", str(copy), "--data", "elpv:mono", check=False)
     assert proc.returncode == 2
     assert "memory_bank.npy" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_same_data_and_params_give_the_same_bank_id_from_any_folder(elpv_mono, tmp_path):
+    """Two checkouts with their data and weights in different places (issue: the manifest
+    hashed the absolute weights path, so DVC and Prefect runs gave different ids)."""
+    import shutil
+
+    from pipeline.patchcore.backbone import packaged_weights_path
+
+    ids = []
+    for name in ("checkout-a", "elsewhere/checkout-b"):
+        root = tmp_path / name / "data" / "train" / "good"
+        root.mkdir(parents=True)
+        for sample in elpv_mono.train[:12]:
+            shutil.copy(sample.path, root)
+        weights = tmp_path / name / "weights.pth"
+        shutil.copy(packaged_weights_path("tf_efficientnet_lite0"), weights)
+        proc = tracebank("fit", "--data", "mvtec:data", "--out", "bank", "--ratio", "0.05", "--weights", str(weights),
+                         "--json", cwd=tmp_path / name)
+        ids.append(json.loads(proc.stdout)["bank_id"])
+    assert ids[0] == ids[1]

@@ -30,7 +30,7 @@ def test_round_trip_gives_same_scores(saved, small_mtd_model, mtd_dataset):
 def test_no_pickle_in_artifacts(saved):
     path, _ = saved
     np.load(path / "memory_bank.npy", allow_pickle=False)
-    assert json.loads((path / "manifest.json").read_text())["format"] == "tracebank-bank/1"
+    assert json.loads((path / "manifest.json").read_text())["format"] == "tracebank-bank/2"
 
 
 def _copy(saved, tmp_path):
@@ -78,3 +78,30 @@ def test_metrics_can_be_added_but_identity_cannot(saved, tmp_path):
     assert read_manifest(bank)["metrics"] == {"image_auroc": 0.9}
     with pytest.raises(BankError, match="identity"):
         update_manifest(bank, params={})
+
+
+def test_bank_id_ignores_paths_times_and_device_but_not_content(small_mtd_model, tmp_path):
+    """Two checkouts, venvs or data folders must not give the same bank two ids."""
+    from pipeline.patchcore.bank import bank_id_of
+
+    here = {"spec": "mvtec:/home/a/line3/data", "timings": {"extract_s": 1.0},
+            "files": [{"path": "/home/a/line3/data/train/good/1.png", "sha256": "aa"},
+                      {"path": "/home/a/line3/data/train/good/2.png", "sha256": "bb"}], "skipped": []}
+    there = {"spec": "mvtec:data", "timings": {"extract_s": 7.5},
+             "files": [{"path": "data/train/good/2.png", "sha256": "bb"},
+                       {"path": "data/train/good/1.png", "sha256": "aa"}], "skipped": []}
+    first = save_bank(tmp_path / "a", small_mtd_model, training=here)
+    second = save_bank(tmp_path / "b", small_mtd_model, training=there)
+    assert first["bank_id"] == second["bank_id"]
+    moved = json.loads(json.dumps(first))
+    moved["backbone"]["weights_source"] = "/opt/other-venv/lite0.pth"
+    moved["params"]["features"]["device"] = "cuda"
+    assert bank_id_of(moved) == first["bank_id"]
+    other_image = json.loads(json.dumps(first))
+    other_image["training"]["files"][0]["sha256"] = "cc"
+    other_weights = json.loads(json.dumps(first))
+    other_weights["backbone"]["weights_sha256"] = "0" * 64
+    other_ratio = json.loads(json.dumps(first))
+    other_ratio["params"]["coreset"]["ratio"] = 0.5
+    ids = {bank_id_of(m) for m in (other_image, other_weights, other_ratio)}
+    assert len(ids) == 3 and first["bank_id"] not in ids
