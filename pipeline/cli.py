@@ -279,8 +279,26 @@ def _print_human(name: str, result: dict[str, Any]) -> None:
         for item in result["skipped"]:
             print(f"skipped {item['path']}: {item['reason']}")
         return
-    if name in ("lineage", "promote", "rollback"):
-        print(json.dumps(result, indent=2, default=_json_default))
+    if name == "lineage":
+        metrics = result.get("metrics") or {}
+        threshold = (result.get("threshold") or {}).get("value")
+        gates = result.get("gates") or {}
+        print(f"bank {result.get('bank_id')}  {result.get('status')}  created {result.get('created_at')}")
+        print(f"  data       {result.get('data_spec')}  hash {result.get('data_hash')}  "
+              f"({len(result.get('files') or [])} training images)")
+        dirty = "  (uncommitted changes)" if result.get("git_dirty") else ""
+        print(f"  code       commit {result.get('git_commit')}{dirty}")
+        print("  metrics    " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                         for k, v in metrics.items() if v is not None))
+        print(f"  threshold  {threshold}  gates {'passed' if gates.get('passed') else 'failed'}"
+              + "".join(f"\n  gate failed: {f}" for f in gates.get("failures", [])))
+        if result.get("promoted_at"):
+            print(f"  promoted   {result['promoted_at']} by {result.get('promoted_by')}")
+        print("  (--json for the whole record)")
+        return
+    if name in ("promote", "rollback"):
+        verb = "rolled back to" if name == "rollback" else "promoted"
+        print(f"{verb} {result['bank_id']}: now production (previous: {result.get('previous')})")
         return
     if name == "predict":
         for item in result["results"]:

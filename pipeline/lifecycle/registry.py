@@ -79,13 +79,15 @@ class Registry:
         """The lineage record of ``bank``, with its current ``status`` and promotion time."""
         bank_id = self.resolve(bank)
         record = json.loads((self.root / bank_id / LINEAGE).read_text())
-        pointer = self.production()
-        if pointer and pointer["bank_id"] == bank_id:
+        pointer = self.production() or {}
+        if pointer.get("bank_id") == bank_id:
             record["status"] = "production"
             record["promoted_at"] = pointer["promoted_at"]
             record["promoted_by"] = pointer.get("promoted_by")
-        elif record.get("status") == "production":
-            record["status"] = "retired"
+        elif bank_id in pointer.get("rolled_back", []):
+            record["status"] = "rolled back"
+        elif bank_id in pointer.get("history", []) or record.get("status") == "production":
+            record["status"] = "retired"  # was production, replaced by a later promotion
         return record
 
     def list(self) -> list[dict[str, Any]]:
@@ -163,6 +165,7 @@ class Registry:
             "promoted_by": by or getpass.getuser(),
             "previous": current["bank_id"] if current else None,
             "history": ([current["bank_id"]] + current.get("history", []))[:50] if current else [],
+            "rolled_back": [b for b in (current or {}).get("rolled_back", []) if b != bank_id],
         }
         write_json_atomic(self.root / POINTER, pointer)
         return pointer
@@ -181,6 +184,7 @@ class Registry:
             "previous": history[1] if len(history) > 1 else None,
             "history": history[1:],
             "rolled_back_from": current["bank_id"],
+            "rolled_back": [current["bank_id"]] + [b for b in current.get("rolled_back", []) if b != previous],
         }
         read_manifest(self.root / previous)
         write_json_atomic(self.root / POINTER, pointer)
