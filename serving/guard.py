@@ -76,13 +76,17 @@ class RequestGuard:
                 return
             if not message.get("more_body", False):
                 break
+        payload = bytes(body)
         if media_type == "multipart/form-data":
-            problem = await _check_form(scope, bytes(body))
+            problem, payload = await _check_form(scope, payload, headers.get("content-type", ""))
             if problem is not None:
                 await _refuse(send, 400, problem)
                 return
+            scope = dict(scope)
+            scope["headers"] = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
+            scope["headers"].append((b"content-length", str(len(payload)).encode()))
 
-        await self.app(scope, _replay(bytes(body)), send)
+        await self.app(scope, _replay(payload), _uniform_errors(send))
 
     def _too_large(self, size: int, *, at_least: bool = False) -> str:
         amount = f"over {size}" if at_least else f"{size}"
@@ -104,23 +108,87 @@ def _replay(body: bytes) -> Receive:
     return receive
 
 
-async def _check_form(scope: Scope, body: bytes) -> str | None:
-    """Why a multipart body is unusable, or None. ``image`` must be an uploaded file: a
-    text value would make BentoML fetch it as a URL, which an inspection station must not."""
+async def _check_form(scope: Scope, body: bytes, content_type: str) -> tuple[str | None, bytes]:
+    """Why a multipart body is unusable (or None), and the body to pass on.
+
+    ``image`` must be an uploaded file: a text value would make BentoML fetch it as a URL,
+    which an inspection station must not. Text fields are passed on JSON-quoted: BentoML
+    reads form fields as JSON, so ``part_id=4711`` would arrive as a number (and be refused)
+    and ``part_id=null`` as nothing; quoted, every text arrives as the text that was sent.
+    """
     request = Request(scope, _replay(body))
     try:
         form = await request.form(max_files=4, max_fields=16)
     except Exception as exc:  # noqa: BLE001 - any parser failure is the client's malformed body
-        return f"malformed multipart body ({exc}); send fields 'image' (a file) and 'part_id'"
+        return f"malformed multipart body ({exc}); send fields 'image' (a file) and 'part_id'", body
     try:
         images = form.getlist("image")
         if len(images) > 1:
-            return "send one file in field 'image' (use /predict_batch for several)"
+            return "send one file in field 'image' (use /predict_batch for several)", body
         if images and not isinstance(images[0], UploadFile):
-            return "field 'image' must be a file upload, not text (URLs are not fetched)"
-        return None
+            return "field 'image' must be a file upload, not text (URLs are not fetched)", body
+        boundary = content_type.split("boundary=", 1)[-1].split(";")[0].strip().strip('"').encode("latin-1")
+        parts: list[bytes] = []
+        for name, value in form.multi_items():
+            disposition = f'form-data; name="{name}"'
+            if isinstance(value, UploadFile):
+                filename = (value.filename or "upload").replace('"', "_")
+                head = (f"Content-Disposition: {disposition}; filename=\"{filename}\"\r\n"
+                        f"Content-Type: {value.content_type or 'application/octet-stream'}\r\n")
+                data = await value.read()
+            else:
+                head = f"Content-Disposition: {disposition}\r\n"
+                data = json.dumps(value).encode("utf-8")
+            parts.append(b"--" + boundary + b"\r\n" + head.encode("utf-8") + b"\r\n" + data + b"\r\n")
+        return None, b"".join(parts) + b"--" + boundary + b"--\r\n"
     finally:
         await form.close()
+
+
+def _uniform_errors(send: Send) -> Send:
+    """Pass responses on, rewriting a 4xx body that is not ``{"error", ...}`` JSON (BentoML's
+    own validation output) into ``{"error": what to fix, "field": the field}``."""
+    start: Message | None = None
+    chunks: list[bytes] = []
+
+    async def wrapped(message: Message) -> None:
+        nonlocal start
+        if message["type"] == "http.response.start" and 400 <= message["status"] < 500:
+            start = message
+            return
+        if start is None or message["type"] != "http.response.body":
+            await send(message)
+            return
+        chunks.append(message.get("body", b""))
+        if message.get("more_body", False):
+            return
+        body = _uniform_body(b"".join(chunks))
+        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() not in (b"content-length", b"content-type")]
+        headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({**start, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return wrapped
+
+
+def _uniform_body(raw: bytes) -> bytes:
+    try:
+        parsed = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        parsed = None
+    if isinstance(parsed, dict) and isinstance(parsed.get("error"), str) and "detail" not in parsed:
+        return raw  # already ours
+    field, problem = None, raw.decode("utf-8", "replace").strip()[:300]
+    if isinstance(parsed, dict):
+        problem = str(parsed.get("error") or problem)
+        details = parsed.get("detail")
+        if isinstance(details, list) and details and isinstance(details[0], dict):
+            first = details[0]
+            field = ".".join(str(part) for part in first.get("loc", ()) if part not in ("body", "query")) or None
+            problem = str(first.get("msg") or problem)
+    message = f"field '{field}': {problem}" if field else problem
+    logger.warning("refused request: %s", message)
+    return json.dumps({"error": message, "field": field}).encode()
 
 
 async def _refuse(send: Send, status: int, message: str) -> None:

@@ -43,8 +43,13 @@ def decode_image(
         ``(H, W)`` uint8 for grayscale inputs, ``(H, W, 3)`` uint8 otherwise.
 
     Note:
-        16-bit grayscale is rescaled by its own range to 8 bits (EL and X-ray cameras
-        produce it); palette, CMYK and alpha images become RGB; an animated file is refused
+        16-bit grayscale (EL and X-ray cameras produce it) is scaled by the container's bit
+        depth, ``round(v * 255 / 65535)``, never by the image's own range: the same scene
+        gives the same 8-bit image whatever else is in the frame, and a 16-bit file and its
+        8-bit reduction score alike. 32-bit integer images are read as 16-bit (clipped to
+        0..65535), float images as 0..1. A camera that fills only 12 bits of a 16-bit
+        container gives a dark image; shift it to the top bits when exporting. Palette,
+        CMYK and alpha images become RGB; an animated file is refused
         rather than silently reduced to its first frame.
     """
     if not data:
@@ -87,11 +92,12 @@ def decode_image(
 
 def _to_uint8(image: Image.Image, source: str) -> np.ndarray:
     mode = image.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        lo, hi = float(array.min()), float(array.max())
-        scale = 255.0 / (hi - lo) if hi > lo else 0.0
-        return ((array - lo) * scale).round().astype(np.uint8)
+    if mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.clip(np.asarray(image, dtype=np.float64), 0, 65535)
+        return (array * (255.0 / 65535.0)).round().astype(np.uint8)
+    if mode == "F":
+        array = np.clip(np.asarray(image, dtype=np.float64), 0.0, 1.0)
+        return (array * 255.0).round().astype(np.uint8)
     if mode == "L":
         return np.asarray(image, dtype=np.uint8).copy()
     if mode in ("1", "LA"):

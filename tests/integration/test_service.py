@@ -114,11 +114,29 @@ def test_bad_inputs_get_4xx_json_and_server_keeps_serving(server, project):
                 spec["data"]["output"] = spec.pop("output")
             response = client.post(f"{server.url}/predict", timeout=60, **spec)
             assert response.status_code == status, (case, response.status_code, response.text)
-            assert "error" in json.dumps(response.json()), case
+            body = response.json()
+            assert isinstance(body, dict) and set(body) <= {"error", "field"} and isinstance(body["error"], str), case
+            assert "validation error" not in body["error"] and "[type=" not in body["error"], (case, body)
+            if case == "bad output":
+                assert body["field"] == "output", body
         assert client.get(f"{server.url}/readyz").status_code == 200
         assert server.predict(client, good, "after-bad").status_code == 200
     assert len(audit_rows(project["root"])) == before + 1  # refused requests are not decisions
     assert "refused request (415)" in server.log() and "refused request (413)" in server.log()
+
+
+def test_any_text_is_a_part_id_as_the_readme_curl_sends_it(server, project):
+    """Form fields are text: `curl -F part_id=4711` must not be refused as "not a string"."""
+    import subprocess
+
+    good = project["good"][0]
+    for text in ("4711", "true", "null", "1e3", "Teil 4711 / Los 7", "[1, 2]"):
+        proc = subprocess.run(["curl", "-s", "-F", f"image=@{good}", "-F", f"part_id={text}",
+                               f"{server.url}/predict"], capture_output=True, text=True, timeout=120)
+        answer = json.loads(proc.stdout)
+        assert answer.get("part_id") == text, (text, answer)
+    recorded = [r["part_id"] for r in audit_rows(project["root"])[-6:]]
+    assert recorded == ["4711", "true", "null", "1e3", "Teil 4711 / Los 7", "[1, 2]"]
 
 
 def test_other_image_kinds_are_decoded_not_refused(server, project):

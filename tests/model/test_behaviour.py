@@ -26,6 +26,26 @@ def test_small_brightness_change_barely_moves_a_good_score(small_mtd_model, mtd_
     assert np.all(np.abs(moved - base) < 0.1 * base)
 
 
+def test_a_sixteen_bit_shot_scores_within_one_percent_of_its_eight_bit_reduction(small_mtd_model, mtd_dataset,
+                                                                                 tmp_path):
+    """The same part from a 16-bit camera and from its 8-bit export must get the same verdict."""
+    from PIL import Image
+
+    from pipeline.data.images import read_image
+
+    paths = [s.path for s in mtd_dataset.test[:4]] + [s.path for s in mtd_dataset.test if s.label == 1][:4]
+    eight, sixteen = [], []
+    for i, path in enumerate(paths):
+        tile = read_image(path)
+        wide = tile.astype(np.uint16) * 257 + np.uint16(100)  # 16-bit detail below the 8-bit step
+        Image.fromarray(wide).save(tmp_path / f"{i}.png")
+        eight.append(tile)
+        sixteen.append(read_image(tmp_path / f"{i}.png"))
+    base = small_mtd_model.predict(eight, maps=False).scores
+    wide_scores = small_mtd_model.predict(sixteen, maps=False).scores
+    assert np.all(np.abs(wide_scores - base) <= 0.01 * base), (base, wide_scores)
+
+
 def test_map_has_the_original_image_size(small_mtd_model, mtd_dataset):
     _, image, _ = next(load_images(mtd_dataset.test[:1]))
     pred = small_mtd_model.predict([image])

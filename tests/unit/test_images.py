@@ -74,10 +74,24 @@ def test_animated_gif_refused():
         decode_image(buf.getvalue())
 
 
-def test_sixteen_bit_rescaled():
-    arr = (np.arange(64 * 64).reshape(64, 64) * 10).astype(np.uint16)
+def test_sixteen_bit_is_scaled_by_its_bit_depth_not_its_own_range():
+    arr = (np.arange(64 * 64).reshape(64, 64) * 10).astype(np.uint16)  # 0 .. 40950
     out = decode_image(_encode(Image.fromarray(arr), "PNG"))
-    assert out.dtype == np.uint8 and out.min() == 0 and out.max() == 255
+    assert out.dtype == np.uint8 and out.min() == 0 and out.max() == round(40950 * 255 / 65535)  # 159
+    # two shots of one part with different extremes: the shared pixels map to the same values
+    brighter = arr.copy()
+    brighter[0, 0] = 65535
+    again = decode_image(_encode(Image.fromarray(brighter), "PNG"))
+    assert np.array_equal(again[1:], out[1:]) and again[0, 0] == 255
+
+
+def test_a_sixteen_bit_tile_decodes_to_its_eight_bit_reduction(real_png):
+    tile = decode_image(real_png)
+    rng = np.random.default_rng(0)
+    exact = tile.astype(np.int32) * 257
+    sixteen = np.clip(exact + rng.integers(-128, 128, tile.shape), 0, 65535)  # detail below one 8-bit step
+    decoded = decode_image(_encode(Image.fromarray(sixteen.astype(np.uint16)), "PNG"))
+    assert np.array_equal(decoded, tile)
 
 
 @pytest.mark.parametrize("mode", ["CMYK", "P", "RGBA", "LA"])
