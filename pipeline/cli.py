@@ -65,6 +65,7 @@ def _feature_config(args: argparse.Namespace) -> FeatureConfig:
         "image_size": args.size,
         "resize": args.resize,
         "normalization": args.normalization,
+        "padding": args.padding,
         "device": args.device,
         "runtime": args.runtime or ("onnx" if args.device == "cpu" else "torch"),
     }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .config import CoresetConfig, FeatureConfig, ScoringConfig
+from .config import PADDINGS, CoresetConfig, FeatureConfig, ScoringConfig
 
 
 def build_parser(description: str = "") -> argparse.ArgumentParser:
@@ -27,6 +27,8 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     fit.add_argument("--size", type=int, default=defaults.image_size)
     fit.add_argument("--resize", default=defaults.resize, choices=["squash", "letterbox"])
     fit.add_argument("--normalization", default=defaults.normalization, choices=["tf", "imagenet"])
+    fit.add_argument("--padding", default=defaults.padding, choices=list(PADDINGS),
+                     help="border of the 3x3 neighbourhood average (zeros: counted, as the reference code)")
     fit.add_argument("--runtime", choices=["onnx", "torch"],
                      help="feature runtime: onnx (ONNX Runtime, CPU; the default there) or torch (eager)")
     fit.add_argument("--ratio", type=float, default=CoresetConfig().ratio, help="coreset ratio in (0, 1]")

@@ -17,6 +17,10 @@ class ConfigError(ValueError):
     """A settings section has an unknown key or a value out of range."""
 
 
+#: Border treatments of the local neighbourhood average (``FeatureConfig.padding``).
+PADDINGS = ("zeros", "exclude", "replicate", "reflect")
+
+
 @dataclasses.dataclass(frozen=True)
 class FeatureConfig:
     """How images become patch features.
@@ -31,6 +35,13 @@ class FeatureConfig:
             edge replication, crop the map back).
         normalization: ``"tf"`` ((x - 127) / 128, for TensorFlow ports) or ``"imagenet"``.
         neighbourhood: side of the local average pooling window (the paper's p = 3).
+        padding: what that window averages at the border of a feature map: ``"zeros"``
+            (zero padding counted in the average, as the reference implementation's
+            zero-padded unfold and ``torch.nn.AvgPool2d(3, 1, 1)`` do; the outer ring of patch
+            features shrinks by up to 5/9, see BENCHMARKS.md for why that helps),
+            ``"exclude"`` (the mean of the positions inside the map; banks fitted before this
+            setting existed were made with it and load with it), ``"replicate"`` or
+            ``"reflect"`` (the map is padded by edge replication or reflection first).
         proj_dim: optional random projection of the concatenated features (None keeps all).
         device: ``"cpu"`` or ``"cuda"``.
         runtime: ``"torch"`` (eager PyTorch) or ``"onnx"`` (the same computation exported to
@@ -44,6 +55,7 @@ class FeatureConfig:
     resize: str = "squash"
     normalization: str = "tf"
     neighbourhood: int = 3
+    padding: str = "zeros"
     proj_dim: int | None = None
     device: str = "cpu"
     runtime: str = "torch"
@@ -62,6 +74,8 @@ class FeatureConfig:
             )
         if self.neighbourhood < 1 or self.neighbourhood % 2 == 0:
             raise ConfigError(f"features.neighbourhood must be odd and >= 1, got {self.neighbourhood}")
+        if self.padding not in PADDINGS:
+            raise ConfigError(f"features.padding must be one of {', '.join(PADDINGS)}, got {self.padding!r}")
         if self.proj_dim is not None and self.proj_dim < 1:
             raise ConfigError(f"features.proj_dim must be positive or null, got {self.proj_dim}")
         if self.runtime not in ("torch", "onnx"):

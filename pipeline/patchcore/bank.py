@@ -243,6 +243,7 @@ def load_bank(
     manifest = read_manifest(directory)
     params = manifest["params"]
     feature_values = dict(params["features"])
+    feature_values.setdefault("padding", "exclude")  # banks from before features.padding pooled so
     if device is not None:
         feature_values["device"] = device
         if device != "cpu" and runtime is None:

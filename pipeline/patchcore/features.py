@@ -1,7 +1,8 @@
 """Locally aware patch features (PatchCore, Sec. 3.1) and the geometry of input images.
 
 An image is resized to the network input (square squash or aspect-keeping letterbox),
-passed through the backbone, each level is averaged over its 3x3 neighbourhood, the deeper
+passed through the backbone, each level is averaged over its 3x3 neighbourhood (the border
+treated as ``FeatureConfig.padding`` says), the deeper
 maps are bilinearly resized to the finest one and everything is concatenated per position.
 That computation is one module, :class:`PatchEmbedding`, run eagerly by PyTorch or, with
 ``runtime="onnx"``, exported once and run by ONNX Runtime (see :mod:`pipeline.patchcore.runtime`).
@@ -91,6 +92,7 @@ class PatchEmbedding(nn.Module):
         mean, std: per-channel normalisation of 0-255 pixels.
         neighbourhood: side of the local average pooling window (odd).
         projection: optional ``(D_in, D)`` float32 random projection.
+        padding: the border treatment of that window (see :class:`~pipeline.config.FeatureConfig`).
 
     Note:
         The backbone runs in channels-last layout (its weights are converted in place):
@@ -110,10 +112,12 @@ class PatchEmbedding(nn.Module):
         std: Sequence[float],
         neighbourhood: int,
         projection: torch.Tensor | None = None,
+        padding: str = "zeros",
     ) -> None:
         super().__init__()
         self.backbone = backbone.to(memory_format=torch.channels_last)
         self.neighbourhood = neighbourhood
+        self.padding = padding
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("projection", projection)
@@ -122,11 +126,7 @@ class PatchEmbedding(nn.Module):
         """``(B, 3, S, S)`` uint8 pixels to ``(B, h, w, D)`` float32 patch features."""
         x = (pixels.float() - self.mean) / self.std
         maps = self.backbone(x.contiguous(memory_format=torch.channels_last))
-        k = self.neighbourhood
-        pooled = [
-            F.avg_pool2d(m, kernel_size=k, stride=1, padding=k // 2, count_include_pad=False)
-            for m in maps
-        ]
+        pooled = [local_average(m, self.neighbourhood, self.padding) for m in maps]
         h, w = pooled[0].shape[-2:]
         resized = [pooled[0]] + [
             F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False) for m in pooled[1:]
@@ -135,6 +135,25 @@ class PatchEmbedding(nn.Module):
         if self.projection is not None:
             features = features @ self.projection
         return features
+
+
+def local_average(maps: torch.Tensor, k: int, padding: str) -> torch.Tensor:
+    """Mean of every position's ``k x k`` neighbourhood, same size out (PatchCore Eq. 2).
+
+    Args:
+        maps: ``(B, C, h, w)`` feature maps.
+        k: odd window side.
+        padding: ``"zeros"``: positions outside the map count as zeros (a corner of a 3x3
+            window averages 4 values over 9); ``"exclude"``: only positions inside the map
+            are averaged (a corner averages 4 over 4); ``"replicate"``/``"reflect"``: the map
+            is padded by edge replication or reflection, then averaged over 9.
+    """
+    if k == 1:
+        return maps
+    p = k // 2
+    if padding in ("replicate", "reflect"):
+        return F.avg_pool2d(F.pad(maps, (p, p, p, p), mode=padding), kernel_size=k, stride=1)
+    return F.avg_pool2d(maps, kernel_size=k, stride=1, padding=p, count_include_pad=padding == "zeros")
 
 
 class FeatureExtractor:
@@ -164,7 +183,8 @@ class FeatureExtractor:
         if config.proj_dim is not None and config.proj_dim < in_dim:
             generator = torch.Generator().manual_seed(0)
             projection = torch.randn(in_dim, config.proj_dim, generator=generator) / config.proj_dim**0.5
-        self.embedding = PatchEmbedding(self.backbone.model, mean, std, config.neighbourhood, projection)
+        self.embedding = PatchEmbedding(self.backbone.model, mean, std, config.neighbourhood, projection,
+                                        config.padding)
         self.embedding.eval().to(self.device)
         self.dim = in_dim if projection is None else int(projection.shape[1])
         self.stride = self.backbone.strides[0]

@@ -108,6 +108,7 @@ def export_settings(config: FeatureConfig, weights_sha256: str) -> dict[str, Any
         "image_size": config.image_size,
         "normalization": config.normalization,
         "neighbourhood": config.neighbourhood,
+        "padding": config.padding,
         "proj_dim": config.proj_dim,
         "opset": OPSET,
         "export_version": EXPORT_VERSION,
