@@ -221,6 +221,17 @@ def _lineage(args: argparse.Namespace) -> dict[str, Any]:
     return Registry(args.registry).lineage(args.bank)
 
 
+@command("register")
+def _register(args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.lifecycle.gates import GateConfig
+    from pipeline.lifecycle.registry import Registry
+    from pipeline.lifecycle.steps import Params, register_fitted_bank
+
+    gates = Params.load(args.params).gates if Path(args.params).is_file() else GateConfig()
+    return register_fitted_bank(args.bank_dir, Registry(args.registry), gates, data=args.data,
+                                batch_size=args.batch_size)
+
+
 @command("promote")
 def _promote(args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.lifecycle.registry import Registry
@@ -296,6 +307,12 @@ def _print_human(name: str, result: dict[str, Any]) -> None:
         if result.get("promoted_at"):
             print(f"  promoted   {result['promoted_at']} by {result.get('promoted_by')}")
         print("  (--json for the whole record)")
+        return
+    if name == "register":
+        print(f"bank {result['bank_id']} registered as {result['status']} "
+              f"(threshold {result['threshold']['value']:.4f}, {result['threshold']['method']})")
+        for failure in result["gates"]["failures"]:
+            print(f"  gate failed: {failure}")
         return
     if name in ("promote", "rollback"):
         verb = "rolled back to" if name == "rollback" else "promoted"

@@ -86,8 +86,8 @@ class LoadedBank:
         threshold = (self.manifest.get("threshold") or {}).get("value")
         if threshold is None:
             raise BankError(
-                f"bank {self.manifest['bank_id']} in {directory} has no decision threshold; evaluate it on a "
-                "labelled or held-out nominal set (tracebank evaluate, or the pipeline's evaluate step) first"
+                f"bank {self.manifest['bank_id']} in {directory} has no decision threshold; register it with "
+                "`tracebank register BANK_DIR --data SPEC`, which evaluates it and sets one"
             )
         self.threshold = float(threshold)
         self.bank_id: str = self.manifest["bank_id"]

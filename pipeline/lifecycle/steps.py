@@ -18,6 +18,7 @@ import dataclasses
 import json
 import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -216,3 +217,74 @@ def register_step(
     }
     bank_id = registry.register(staging, lineage)
     return {"bank_id": bank_id, "status": lineage["status"], "gates": gate, "bank_dir": str(registry.root / bank_id)}
+
+
+def register_fitted_bank(
+    bank_dir: str | Path, registry: Registry, gates: GateConfig, *, data: str | None = None, batch_size: int = 8,
+) -> dict[str, Any]:
+    """Bring a bank fitted outside the pipeline (``tracebank fit``) into the registry.
+
+    The bank is verified and copied (never moved) into the registry with a lineage record
+    built from its manifest, judged by the gates, and registered as candidate or rejected,
+    so that it can be promoted and served like a pipeline bank.
+
+    Args:
+        bank_dir: the fitted bank.
+        registry: where to register it.
+        gates: the floors it must reach (non-regression against production applies when
+            ``data`` is given: production is evaluated on the same images).
+        data: a dataset spec whose test split (labelled defects, or held-out good images)
+            evaluates the bank and sets its threshold; without it the bank must already
+            have both from ``tracebank fit``.
+
+    Raises:
+        ValueError: if the bank has no threshold and no ``data`` was given.
+    """
+    from pipeline.patchcore.bank import load_bank, read_manifest
+
+    manifest = read_manifest(bank_dir)
+    metrics, threshold = manifest.get("metrics"), manifest.get("threshold")
+    production = None
+    if data is not None:
+        dataset = open_dataset(data)
+        if not dataset.test:
+            raise ValueError(f"{data} has no test images to evaluate and calibrate bank {manifest['bank_id']} on")
+        model, _ = load_bank(bank_dir)
+        metrics = evaluate(model, dataset.test, batch_size=batch_size, keep_maps=False).metrics
+        threshold = None if metrics.get("threshold") is None else {
+            "value": metrics["threshold"], "method": metrics["threshold_method"], "evaluated_on": data}
+        if registry.production() is not None:
+            current, _ = load_bank(registry.bank_dir("production"))
+            production = evaluate(current, dataset.test, batch_size=batch_size, keep_maps=False).metrics
+    if threshold is None:
+        raise ValueError(
+            f"bank {manifest['bank_id']} has no decision threshold, so it could not decide anything: "
+            f"`tracebank register {bank_dir} --data SPEC` evaluates it on SPEC's test split and sets one"
+        )
+    gate = check_gates(metrics or {}, gates, production)
+    staging = Path(tempfile.mkdtemp(prefix=".register-", dir=registry.root if registry.root.is_dir() else None))
+    try:
+        copy = staging / "bank"
+        shutil.copytree(bank_dir, copy)
+        update_manifest(copy, metrics=metrics, threshold=threshold)
+        training = manifest["training"]
+        lineage = {
+            "data_hash": None,
+            "data_spec": training.get("spec"),
+            "files": training.get("files", []),
+            "eval_files": (metrics or {}).get("n_good", 0) + (metrics or {}).get("n_defect", 0),
+            **git_state(),
+            "params": manifest["params"] | {"gates": dataclasses.asdict(gates)},
+            "metrics": {k: (metrics or {}).get(k) for k in ("image_auroc", "pixel_auroc", "pro", "n_good",
+                                                          "n_defect", "f1")},
+            "threshold": threshold,
+            "gates": gate | {"production_metrics": production},
+            "registered_from": str(Path(bank_dir).resolve()),
+            "status": "candidate" if gate["passed"] else "rejected",
+            "promoted_at": None,
+        }
+        bank_id = registry.register(copy, lineage)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return {"bank_id": bank_id, "status": lineage["status"], "gates": gate, "threshold": threshold,
+            "bank_dir": str(registry.root / bank_id)}

@@ -121,3 +121,39 @@ def test_the_same_data_and_params_give_the_same_bank_id_from_any_folder(elpv_mon
                          "--json", cwd=tmp_path / name)
         ids.append(json.loads(proc.stdout)["bank_id"])
     assert ids[0] == ids[1]
+
+
+def test_a_cli_fitted_bank_is_registered_promoted_and_predicts_as_production(bank, elpv_mono, tmp_path):
+    import shutil
+
+    out, fitted = bank
+    registry = tmp_path / "banks"
+    params = tmp_path / "params.yaml"
+    params.write_text("gates:\n  image_auroc_min: 0.5\n  pro_min: 0.6\n  pixel_auroc_min: 0.8\n")
+    result = json.loads(tracebank("register", str(out), "--registry", str(registry), "--params", str(params),
+                                  "--json").stdout)
+    assert result["status"] == "candidate" and result["bank_id"] == fitted["bank_id"]
+    assert (out / "manifest.json").is_file()  # copied into the registry, not moved
+    statuses = {c["name"]: c["status"] for c in result["gates"]["checks"]}
+    assert statuses == {"image_auroc >= 0.5": "passed", "pro >= 0.6": "not evaluated",
+                        "pixel_auroc >= 0.8": "not evaluated"}  # ELPV has no masks
+    tracebank("promote", fitted["bank_id"][:6], "--registry", str(registry))
+    good = next(s.path for s in elpv_mono.test if s.label == 0)
+    answer = json.loads(tracebank("predict", "production", good, "--registry", str(registry), "--json").stdout)
+    assert answer["bank_id"] == fitted["bank_id"] and answer["results"][0]["decision"] in ("good", "anomalous")
+
+    # a bank fitted without evaluation has no threshold: refused with the command that sets one
+    root = tmp_path / "line" / "data"
+    for split, samples in (("train/good", elpv_mono.train[:12]), ("test/good", [s for s in elpv_mono.test
+                           if s.label == 0][:4]), ("test/crack", [s for s in elpv_mono.test if s.label == 1][:4])):
+        (root / split).mkdir(parents=True)
+        for sample in samples:
+            shutil.copy(sample.path, root / split)
+    tracebank("fit", "--data", f"mvtec:{root}", "--out", str(tmp_path / "raw"), "--no-evaluate", "--json")
+    refused = tracebank("register", str(tmp_path / "raw"), "--registry", str(registry), "--json", check=False)
+    assert refused.returncode == 2 and "--data SPEC" in json.loads(refused.stdout)["error"]
+    calibrated = json.loads(tracebank("register", str(tmp_path / "raw"), "--registry", str(registry),
+                                      "--params", str(params), "--data", f"mvtec:{root}", "--json").stdout)
+    assert calibrated["threshold"]["method"] == "f1_optimal" and calibrated["threshold"]["value"] > 0
+    lineage = json.loads(tracebank("lineage", calibrated["bank_id"], "--registry", str(registry), "--json").stdout)
+    assert lineage["gates"]["production_metrics"]["image_auroc"] is not None  # compared on the same images

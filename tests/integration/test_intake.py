@@ -24,43 +24,17 @@ def tracebank(project: Path, *args: str, check: bool = True):
     return run(project, str(BIN / "tracebank"), *args, "--json", check=check)
 
 
-@pytest.fixture()
-def project(tmp_path):
-    root = tmp_path / "line3"
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """One DVC project for the module: the add test runs first, the import test then
+    replaces its data (tests run in file order)."""
+    root = tmp_path_factory.mktemp("intake") / "line3"
     root.mkdir()
     run(root, "git", "init", "-q")
     run(root, str(BIN / "dvc"), "init", "-q")
     run(root, str(BIN / "dvc"), "config", "core.analytics", "false")
     tracebank(root, "import", "elpv:mono", "--limit-train", "20", "--limit-test", "10")
     return root
-
-
-def test_import_into_a_dataset_refuses_and_a_broken_replacement_changes_nothing(project, tmp_path, elpv_mono):
-    before = tree_hashes(project / "data")
-    assert any(name.startswith("test/") for name in before)
-    new = tmp_path / "new"
-    new.mkdir()
-    for sample in elpv_mono.train[100:105]:
-        shutil.copy(sample.path, new)
-
-    refused = tracebank(project, "import", f"folder:{new}", check=False)  # the README's old example
-    assert refused.returncode == 2 and "--replace" in json.loads(refused.stdout)["error"]
-    assert tree_hashes(project / "data") == before
-
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    for i in range(3):
-        (broken / f"cell{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(40))  # truncated PNGs
-    failed = tracebank(project, "import", f"folder:{broken}", "--replace", check=False)
-    assert failed.returncode == 2 and "no readable training image" in json.loads(failed.stdout)["error"]
-    assert tree_hashes(project / "data") == before
-    assert sorted(p.name for p in project.iterdir() if p.name.startswith(".data")) == []  # no staging left
-
-    replaced = json.loads(tracebank(project, "import", f"folder:{new}", "--replace").stdout)
-    assert replaced["n_train"] == 5 and replaced["n_test"] == 0
-    assert sorted(tree_hashes(project / "data").values()) == sorted(
-        [hashlib.sha256(p.read_bytes()).hexdigest() for p in new.iterdir()]
-        + [hashlib.sha256((project / "data" / "SOURCE.txt").read_bytes()).hexdigest()])
 
 
 def test_add_appends_good_images_skips_duplicates_and_quarantines_bad_ones(project, tmp_path, elpv_mono):
@@ -100,3 +74,31 @@ def test_add_appends_good_images_skips_duplicates_and_quarantines_bad_ones(proje
 
     again = json.loads(tracebank(project, "add", str(inbox)).stdout)  # the same inbox twice adds nothing
     assert again["n_added"] == 0 and again["n_duplicates"] == 7 and again["data_hash"] is None
+
+
+def test_import_into_a_dataset_refuses_and_a_broken_replacement_changes_nothing(project, tmp_path, elpv_mono):
+    before = tree_hashes(project / "data")
+    assert any(name.startswith("test/") for name in before)
+    new = tmp_path / "new"
+    new.mkdir()
+    for sample in elpv_mono.train[100:105]:
+        shutil.copy(sample.path, new)
+
+    refused = tracebank(project, "import", f"folder:{new}", check=False)  # the README's old example
+    assert refused.returncode == 2 and "--replace" in json.loads(refused.stdout)["error"]
+    assert tree_hashes(project / "data") == before
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for i in range(3):
+        (broken / f"cell{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(40))  # truncated PNGs
+    failed = tracebank(project, "import", f"folder:{broken}", "--replace", check=False)
+    assert failed.returncode == 2 and "no readable training image" in json.loads(failed.stdout)["error"]
+    assert tree_hashes(project / "data") == before
+    assert sorted(p.name for p in project.iterdir() if p.name.startswith(".data")) == []  # no staging left
+
+    replaced = json.loads(tracebank(project, "import", f"folder:{new}", "--replace").stdout)
+    assert replaced["n_train"] == 5 and replaced["n_test"] == 0
+    assert sorted(tree_hashes(project / "data").values()) == sorted(
+        [hashlib.sha256(p.read_bytes()).hexdigest() for p in new.iterdir()]
+        + [hashlib.sha256((project / "data" / "SOURCE.txt").read_bytes()).hexdigest()])
