@@ -25,7 +25,7 @@ from pipeline.data.images import ImageError
 from pipeline.evaluation.evaluate import evaluate
 from pipeline.evaluation.overlay import heatmap_overlay
 from pipeline.lifecycle.audit import AuditError
-from pipeline.lifecycle.fitting import Progress, fit_bank
+from pipeline.lifecycle.fitting import Progress, extend_bank, fit_bank
 from pipeline.lifecycle.registry import RegistryError
 from pipeline.patchcore.bank import BankError, load_bank
 
@@ -76,6 +76,9 @@ def _feature_config(args: argparse.Namespace) -> FeatureConfig:
 
 @command("fit")
 def _fit(args: argparse.Namespace) -> dict[str, Any]:
+    if args.extend:
+        return extend_bank(_bank_path(args.extend, "banks"), args.data, Path(args.out), batch_size=args.batch_size,
+                           progress=_progress(args.quiet or args.json), evaluate_after=not args.no_evaluate)
     return fit_bank(
         args.data,
         Path(args.out),

@@ -27,6 +27,9 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     fit.add_argument("--size", type=int, default=defaults.image_size)
     fit.add_argument("--resize", default=defaults.resize, choices=["squash", "letterbox"])
     fit.add_argument("--normalization", default=defaults.normalization, choices=["tf", "imagenet"])
+    fit.add_argument("--extend", metavar="PARENT",
+                     help="extend this bank with the training images of --data it has not seen (only they are "
+                          "extracted; the coreset continues from its centres; its feature settings are kept)")
     fit.add_argument("--padding", default=defaults.padding, choices=list(PADDINGS),
                      help="border of the 3x3 neighbourhood average (zeros: counted, as the reference code)")
     fit.add_argument("--runtime", choices=["onnx", "torch"],

@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pipeline.config import CoresetConfig, FeatureConfig, ScoringConfig
 from pipeline.data.datasets import open_dataset
 from pipeline.evaluation.evaluate import evaluate
@@ -116,4 +118,84 @@ def fit_bank(
         "metrics": metrics,
         "threshold": threshold,
         "timings": timings,
+    }
+
+
+def extend_bank(
+    parent: Path,
+    spec: str,
+    out: Path,
+    *,
+    batch_size: int = 8,
+    progress: Progress = no_progress,
+    evaluate_after: bool = True,
+) -> dict[str, Any]:
+    """Extend a fitted bank with the training images of ``spec`` it has not seen.
+
+    Only the new images are extracted; the greedy k-center continues from the parent's
+    centres over their features (:func:`~pipeline.patchcore.incremental.extend_coreset`),
+    and the bank grows to the coreset ratio of all patches, old and new. The parent's
+    feature settings, coreset seed and projection are kept, so the distances are measured
+    as in its fit. The new bank records ``"fit": "incremental"``, its parent and the files added.
+
+    Raises:
+        ValueError: if ``spec`` holds no training image the parent has not seen.
+    """
+    from pipeline.data.intake import sha256_file
+    from pipeline.patchcore.bank import load_bank
+    from pipeline.patchcore.incremental import extend_coreset, extended_bank_size
+
+    model, manifest = load_bank(parent)
+    old_files = list(manifest["training"].get("files", []))
+    known = {f["sha256"] for f in old_files}
+    dataset = open_dataset(spec)
+    fresh = [s for s in dataset.train if sha256_file(s.path) not in known]
+    if not fresh:
+        raise ValueError(f"{spec} has no training image that bank {manifest['bank_id']} has not seen")
+    timings: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="tracebank-features-") as tmp:
+        start = time.perf_counter()
+        with progress(len(fresh), "extracting new features (images)") as bar:
+            store = extract_features(fresh, model.extractor, tmp, batch_size=batch_size, on_batch=bar.update)
+        timings["extract_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        new = store.array()
+        per_image = model.extractor.grid * model.extractor.grid
+        n_old = int(manifest["training"].get("n_patches") or len(old_files) * per_image)
+        k_total = extended_bank_size(n_old, len(new), model.coreset.ratio)
+        picks = extend_coreset(model.memory_bank_, new, k_total, seed=model.coreset.seed,
+                               proj_dim=model.coreset.proj_dim)
+        bank = np.concatenate([model.memory_bank_, np.asarray(new[np.sort(picks)], dtype=np.float32)])
+        model.set_bank(np.ascontiguousarray(bank))
+        model.n_train_features_ = n_old + len(new)
+        timings["coreset_s"] = time.perf_counter() - start
+        del new
+    metrics = threshold = None
+    if evaluate_after and dataset.test:
+        start = time.perf_counter()
+        with progress(len(dataset.test), "evaluating (images)") as bar:
+            result = evaluate(model, dataset.test, batch_size=batch_size, keep_maps=False, on_batch=bar.update)
+        timings["evaluate_s"] = time.perf_counter() - start
+        metrics = result.metrics
+        if metrics.get("threshold") is not None:
+            threshold = {"value": metrics["threshold"], "method": metrics["threshold_method"], "evaluated_on": spec}
+    previous = manifest["training"]
+    training = {
+        "spec": spec,
+        "n_images": len(old_files) + len(store.files),
+        "n_patches": model.n_train_features_,
+        "files": old_files + store.files,
+        "skipped": list(previous.get("skipped", [])) + store.skipped,
+        "fit": "incremental",
+        "parent_bank": manifest["bank_id"],
+        "added_files": store.files,
+        "increments": int(previous.get("increments", 0)) + 1,
+        "timings": timings,
+    }
+    saved = save_bank(out, model, training=training, metrics=metrics, threshold=threshold)
+    return {
+        "bank": str(out), "bank_id": saved["bank_id"], "bank_size": saved["bank_size"], "fit": "incremental",
+        "parent_bank": manifest["bank_id"], "n_train": training["n_images"], "n_added": len(store.files),
+        "n_extracted": len(store.files) + len(store.skipped), "increments": training["increments"],
+        "skipped": store.skipped, "metrics": metrics, "threshold": threshold, "timings": timings,
     }

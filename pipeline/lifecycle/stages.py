@@ -107,6 +107,7 @@ def extract_features(
 
 def training_record(spec: str, store: FeatureStore, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ``training`` section of a bank manifest: where the nominal images came from."""
-    record = {"spec": spec, "n_images": len(store.files), "files": store.files, "skipped": store.skipped}
+    record = {"spec": spec, "n_images": len(store.files), "n_patches": store.rows, "fit": "full",
+              "files": store.files, "skipped": store.skipped}
     record.update(extra or {})
     return record

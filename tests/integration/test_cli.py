@@ -157,3 +157,33 @@ def test_a_cli_fitted_bank_is_registered_promoted_and_predicts_as_production(ban
     assert calibrated["threshold"]["method"] == "f1_optimal" and calibrated["threshold"]["value"] > 0
     lineage = json.loads(tracebank("lineage", calibrated["bank_id"], "--registry", str(registry), "--json").stdout)
     assert lineage["gates"]["production_metrics"]["image_auroc"] is not None  # compared on the same images
+
+
+def test_fit_extend_adds_only_the_new_images_and_keeps_the_parent_bank(elpv_mono, tmp_path):
+    import shutil
+
+    from pipeline.patchcore.bank import load_bank
+    from pipeline.patchcore.coreset import coreset_size
+
+    train = tmp_path / "data" / "train" / "good"
+    train.mkdir(parents=True)
+    for sample in elpv_mono.train[:12]:
+        shutil.copy(sample.path, train)
+    tracebank("fit", "--data", f"mvtec:{tmp_path / 'data'}", "--out", str(tmp_path / "parent"), "--ratio", "0.05",
+              "--json")
+    for sample in elpv_mono.train[12:16]:
+        shutil.copy(sample.path, train)
+    result = json.loads(tracebank("fit", "--data", f"mvtec:{tmp_path / 'data'}", "--extend", str(tmp_path / "parent"),
+                                  "--out", str(tmp_path / "child"), "--json").stdout)
+    assert result["fit"] == "incremental" and result["n_extracted"] == 4 and result["n_train"] == 16
+    parent, parent_manifest = load_bank(tmp_path / "parent")
+    child, manifest = load_bank(tmp_path / "child")
+    per_image = child.extractor.grid ** 2
+    assert manifest["bank_size"] == coreset_size(16 * per_image, 0.05)
+    assert manifest["training"]["parent_bank"] == parent_manifest["bank_id"]
+    assert len(manifest["training"]["added_files"]) == 4 and manifest["training"]["increments"] == 1
+    kept = {row.tobytes() for row in child.memory_bank_}
+    assert all(row.tobytes() in kept for row in parent.memory_bank_)  # the parent's centres stay
+    again = tracebank("fit", "--data", f"mvtec:{tmp_path / 'data'}", "--extend", str(tmp_path / "child"),
+                      "--out", str(tmp_path / "grandchild"), "--json", check=False)
+    assert again.returncode == 2 and "has not seen" in json.loads(again.stdout)["error"]
