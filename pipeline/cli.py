@@ -283,10 +283,9 @@ def _print_human(name: str, result: dict[str, Any]) -> None:
     if name == "add":
         print(f"added {result['n_added']} image(s) to {result['root']}/train/good, {result['n_duplicates']} "
               f"duplicate(s) skipped, {result['n_quarantined']} quarantined; data hash {result['data_hash']}")
-        for item in result["duplicates"]:
-            print(f"duplicate {item['source']}: same bytes as {item['same_as']}")
-        for item in result["quarantined"]:
-            print(f"quarantined {item['source']} -> {item['path']}: {item['reason']}")
+        lines = [f"duplicate {d['source']}: same bytes as {d['same_as']}" for d in result["duplicates"]]
+        lines += [f"quarantined {q['source']} -> {q['path']}: {q['reason']}" for q in result["quarantined"]]
+        print("\n".join(lines), end="\n" if lines else "")
         return
     if name == "import":
         print(f"imported {result['n_train']} training and {result['n_test']} test image(s) into {result['root']}; "

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import CoresetConfig, FeatureConfig, ScoringConfig
-from pipeline.data.datasets import open_dataset
+from pipeline.data.datasets import Dataset, open_dataset
 from pipeline.evaluation.evaluate import evaluate
 from pipeline.lifecycle.stages import FeatureStore, extract_features, training_record
 from pipeline.patchcore.bank import save_bank
@@ -89,19 +89,8 @@ def fit_bank(
             model.fit_features(feats, on_centres=bar.update)
         timings["coreset_s"] = time.perf_counter() - start
         del feats
-    metrics = threshold = None
-    if evaluate_after and dataset.test:
-        start = time.perf_counter()
-        with progress(len(dataset.test), "evaluating (images)") as bar:
-            result = evaluate(model, dataset.test, batch_size=batch_size, keep_maps=False, on_batch=bar.update)
-        timings["evaluate_s"] = time.perf_counter() - start
-        metrics = result.metrics
-        if metrics.get("threshold") is not None:
-            threshold = {
-                "value": metrics["threshold"],
-                "method": metrics["threshold_method"],
-                "evaluated_on": spec,
-            }
+    metrics, threshold = _evaluated(model, dataset, spec, timings, batch_size, progress) if evaluate_after else (
+        None, None)
     manifest = save_bank(
         out,
         model,
@@ -121,14 +110,25 @@ def fit_bank(
     }
 
 
+def _evaluated(
+    model: PatchCore, dataset: Dataset, spec: str, timings: dict[str, float], batch_size: int, progress: Progress,
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """Metrics and threshold on the test split (None, None without one); times it."""
+    if not dataset.test:
+        return None, None
+    start = time.perf_counter()
+    with progress(len(dataset.test), "evaluating (images)") as bar:
+        result = evaluate(model, dataset.test, batch_size=batch_size, keep_maps=False, on_batch=bar.update)
+    timings["evaluate_s"] = time.perf_counter() - start
+    metrics = result.metrics
+    if metrics.get("threshold") is None:
+        return metrics, None
+    return metrics, {"value": metrics["threshold"], "method": metrics["threshold_method"], "evaluated_on": spec}
+
+
 def extend_bank(
-    parent: Path,
-    spec: str,
-    out: Path,
-    *,
-    batch_size: int = 8,
+    parent: Path, spec: str, out: Path, *, batch_size: int = 8, evaluate_after: bool = True,
     progress: Progress = no_progress,
-    evaluate_after: bool = True,
 ) -> dict[str, Any]:
     """Extend a fitted bank with the training images of ``spec`` it has not seen.
 
@@ -170,15 +170,8 @@ def extend_bank(
         model.n_train_features_ = n_old + len(new)
         timings["coreset_s"] = time.perf_counter() - start
         del new
-    metrics = threshold = None
-    if evaluate_after and dataset.test:
-        start = time.perf_counter()
-        with progress(len(dataset.test), "evaluating (images)") as bar:
-            result = evaluate(model, dataset.test, batch_size=batch_size, keep_maps=False, on_batch=bar.update)
-        timings["evaluate_s"] = time.perf_counter() - start
-        metrics = result.metrics
-        if metrics.get("threshold") is not None:
-            threshold = {"value": metrics["threshold"], "method": metrics["threshold_method"], "evaluated_on": spec}
+    metrics, threshold = _evaluated(model, dataset, spec, timings, batch_size, progress) if evaluate_after else (
+        None, None)
     previous = manifest["training"]
     training = {
         "spec": spec,

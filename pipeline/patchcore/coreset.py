@@ -269,34 +269,53 @@ def _lazy_greedy(
         if i + 1 == k:
             break
         if bound_max > r2:  # a dormant row may be the farthest: refresh the likely ones
-            threshold = min(slack * slack * max(r2, 0.0), bound_max)
-            hot = d_bound >= threshold
-            rows, bounds, since = _refresh(
-                points, sq_all, selected[: i + 1], d_rows[hot], d_bound[hot], d_since[hot], threshold, scratch
+            (d_rows, d_bound, d_since), active, min_dist = _revive(
+                points, sq_all, selected[: i + 1], (d_rows, d_bound, d_since), active, min_dist, r2, slack, scratch
             )
-            far = bounds >= threshold  # up to date: they rejoin the update
-            cold = ~hot
-            d_rows = torch.cat([d_rows[cold], rows[~far]])
-            d_bound = torch.cat([d_bound[cold], bounds[~far]])
-            d_since = torch.cat([d_since[cold], since[~far]])
             bound_max = float(d_bound.max()) if len(d_bound) else -math.inf
-            active, min_dist = torch.cat([active, rows[far]]), torch.cat([min_dist, bounds[far]])
             pts, sq = points[active], sq_all[active]  # (A, P), (A,)
             current = int(torch.argmax(min_dist))
             r2 = float(min_dist[current])
         if ((i + 1) % 16 == 0 or ((i + 1) & i) == 0) and r2 > 0:
             near = min_dist < slack * slack * r2
-            n_near = int(near.sum())
-            if 4 * n_near > len(active):
-                d_rows = torch.cat([d_rows, active[near]])
-                d_bound = torch.cat([d_bound, min_dist[near]])
-                d_since = torch.cat([d_since, torch.full((n_near,), i + 1)])
+            if 4 * int(near.sum()) > len(active):
                 bound_max = max(bound_max, float(min_dist[near].max()))
-                far = ~near
-                active, min_dist = active[far], min_dist[far]
+                (d_rows, d_bound, d_since), active, min_dist = _retire(
+                    near, i + 1, (d_rows, d_bound, d_since), active, min_dist)
                 pts, sq = points[active], sq_all[active]  # (A, P), (A,)
                 current = int(torch.argmax(min_dist))
     return selected
+
+
+Dormant = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _retire(
+    near: torch.Tensor, step: int, dormant: Dormant, active: torch.Tensor, min_dist: torch.Tensor,
+) -> tuple[Dormant, torch.Tensor, torch.Tensor]:
+    """Move the ``near`` active rows (well inside the radius) to the dormant set at ``step``."""
+    rows, bounds, since = dormant
+    since = torch.cat([since, torch.full((int(near.sum()),), step)])
+    return (torch.cat([rows, active[near]]), torch.cat([bounds, min_dist[near]]), since), active[~near], min_dist[~near]
+
+
+def _revive(
+    points: torch.Tensor, sq_all: torch.Tensor, centres: np.ndarray, dormant: Dormant, active: torch.Tensor,
+    min_dist: torch.Tensor, r2: float, slack: float, scratch: torch.Tensor,
+) -> tuple[Dormant, torch.Tensor, torch.Tensor]:
+    """Refresh dormant rows (``(rows, bounds, since)``, bounds: upper bounds of squared
+    distances) when one may be farther than ``r2``, the largest squared distance of the
+    ``active`` rows; returns the rows still dormant and the grown ``active``/``min_dist``."""
+    d_rows, d_bound, d_since = dormant
+    threshold = min(slack * slack * max(r2, 0.0), float(d_bound.max()))
+    hot = d_bound >= threshold
+    rows, bounds, since = _refresh(points, sq_all, centres, d_rows[hot], d_bound[hot], d_since[hot], threshold,
+                                   scratch)
+    far = bounds >= threshold  # up to date: they rejoin the update
+    cold = ~hot
+    dormant = (torch.cat([d_rows[cold], rows[~far]]), torch.cat([d_bound[cold], bounds[~far]]),
+               torch.cat([d_since[cold], since[~far]]))
+    return dormant, torch.cat([active, rows[far]]), torch.cat([min_dist, bounds[far]])
 
 
 def _refresh(

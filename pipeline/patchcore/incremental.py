@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .coreset import _refresh, coreset_size, covering_radius, project
+from .coreset import _retire, _revive, coreset_size, covering_radius, project
 
 _BLOCK_ROWS = 4096  # new features per block of the nearest-bank-vector product
 _BLOCK_CENTRES = 1024  # bank vectors per block of that product (16 MiB of float32 distances)
@@ -155,18 +155,10 @@ def _continued_greedy(points: torch.Tensor, start: torch.Tensor, k: int, *, slac
         current = int(torch.argmax(min_dist))
         r2 = float(min_dist[current])
         if bound_max > r2:  # a dormant row may be the farthest: refresh the likely ones
-            threshold = min(slack * slack * max(r2, 0.0), bound_max)
-            hot = d_bound >= threshold
-            rows, bounds, since = _refresh(
-                points, sq_all, selected[:i], d_rows[hot], d_bound[hot], d_since[hot], threshold, scratch
+            (d_rows, d_bound, d_since), active, min_dist = _revive(
+                points, sq_all, selected[:i], (d_rows, d_bound, d_since), active, min_dist, r2, slack, scratch
             )
-            far = bounds >= threshold  # up to date: they rejoin the update
-            cold = ~hot
-            d_rows = torch.cat([d_rows[cold], rows[~far]])
-            d_bound = torch.cat([d_bound[cold], bounds[~far]])
-            d_since = torch.cat([d_since[cold], since[~far]])
             bound_max = float(d_bound.max()) if len(d_bound) else -math.inf
-            active, min_dist = torch.cat([active, rows[far]]), torch.cat([min_dist, bounds[far]])
             pts, sq = points[active], sq_all[active]
             current = int(torch.argmax(min_dist))
             r2 = float(min_dist[current])
@@ -182,12 +174,9 @@ def _continued_greedy(points: torch.Tensor, start: torch.Tensor, k: int, *, slac
         r2 = float(min_dist.max())
         if (i + 1) % 16 == 0 and r2 > 0:  # retire the points now well inside the radius
             near = min_dist < slack * slack * r2  # never the farthest: the update keeps a point
-            n_near = int(near.sum())
-            if 4 * n_near > len(active):
-                d_rows = torch.cat([d_rows, active[near]])
-                d_bound = torch.cat([d_bound, min_dist[near]])
-                d_since = torch.cat([d_since, torch.full((n_near,), i + 1)])
+            if 4 * int(near.sum()) > len(active):
                 bound_max = max(bound_max, float(min_dist[near].max()))
-                active, min_dist = active[~near], min_dist[~near]
+                (d_rows, d_bound, d_since), active, min_dist = _retire(
+                    near, i + 1, (d_rows, d_bound, d_since), active, min_dist)
                 pts, sq = points[active], sq_all[active]
     return selected
