@@ -26,7 +26,7 @@ import numpy as np
 from prefect import flow, task
 
 from pipeline.config import CoresetConfig, FeatureConfig
-from pipeline.data.datasets import Sample, open_dataset
+from pipeline.data.datasets import Sample
 from pipeline.lifecycle.stages import FeatureStore, extract_features
 from pipeline.lifecycle.steps import Params
 from pipeline.patchcore.bank import save_bank
@@ -74,7 +74,7 @@ def fit_distributed(
 ) -> dict[str, Any]:
     """Fit a bank with extraction and the first coreset stage spread over the task runner."""
     params = Params.load(params_file, {"data": data} if data else None)
-    dataset = open_dataset(params.data)
+    dataset = params.dataset()
     if shards < 1 or shards > len(dataset.train):
         raise ValueError(f"shards must be in [1, {len(dataset.train)}], got {shards}")
     start = time.perf_counter()

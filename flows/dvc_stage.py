@@ -11,7 +11,6 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline.data.datasets import open_dataset
 from pipeline.lifecycle import steps
 from pipeline.lifecycle.registry import Registry
 
@@ -24,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--registry", default="banks")
     args = parser.parse_args(argv)
     params = steps.Params.load("params.yaml")
-    dataset = open_dataset(params.data)
+    dataset = params.dataset()
     registry = Registry(args.registry)
     result: object
     if args.stage == "validate":

@@ -22,7 +22,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from pipeline.data.datasets import Dataset, open_dataset
+from pipeline.data.datasets import Dataset
 from pipeline.data.importer import import_dataset
 from pipeline.lifecycle.registry import Registry
 from pipeline.lifecycle.steps import (
@@ -114,7 +114,7 @@ def train(
     params = Params.load(params_file)
     work, registry = Path(work_dir), Registry(registry_dir)
     data_hash = track_data(data_dir) if Path(data_dir).is_dir() else None
-    dataset = open_dataset(params.data)
+    dataset = params.dataset()
     timings: dict[str, float] = {}
     start = time.perf_counter()
     validate(dataset, params, work)

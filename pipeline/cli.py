@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from pipeline.data.datasets import IMAGE_SUFFIXES, DatasetError, LoadReport, Sample, batched, load_images, open_dataset
 from pipeline.data.images import ImageError
+from pipeline.data.synthetic_set import describe as describe_eval_set
 from pipeline.evaluation.evaluate import evaluate
 from pipeline.evaluation.overlay import heatmap_overlay
 from pipeline.lifecycle.audit import AuditError
@@ -30,7 +31,7 @@ from pipeline.lifecycle.registry import RegistryError
 from pipeline.patchcore.bank import BankError, load_bank
 
 from .cli_args import build_parser
-from .config import ConfigError, CoresetConfig, FeatureConfig, ScoringConfig, from_mapping
+from .config import ConfigError, CoresetConfig, FeatureConfig, ScoringConfig, ThresholdConfig, from_mapping
 
 #: Exit status for errors in what the user asked (not bugs).
 USER_ERROR = 2
@@ -101,9 +102,12 @@ def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if not dataset.test:
         raise DatasetError(f"{args.data} has no labelled test images to evaluate on")
     with _bar(len(dataset.test), "evaluating (images)", args.quiet or args.json) as bar:
-        result = evaluate(model, dataset.test, batch_size=args.batch_size, keep_maps=False, on_batch=bar.update)
+        result = evaluate(model, dataset.test, batch_size=args.batch_size, keep_maps=False, on_batch=bar.update,
+                          threshold_method=ThresholdConfig().method_for(dataset.synthetic is not None))
     out = dict(result.metrics)
     out["bank_id"] = manifest["bank_id"]
+    if dataset.synthetic is not None:
+        out["evaluation_set"] = describe_eval_set(dataset)
     out["skipped"] = [{"path": p, "reason": r} for p, r in result.report.skipped]
     return out
 

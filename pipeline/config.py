@@ -7,7 +7,9 @@ DVC stages and the Prefect flow all pass the same object. Unknown keys are an er
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -131,6 +133,34 @@ class ScoringConfig:
             raise ConfigError(f"scoring.sigma must be >= 0, got {self.sigma}")
 
 
+@dataclasses.dataclass(frozen=True)
+class ThresholdConfig:
+    """How a bank's decision threshold is chosen from its evaluation.
+
+    Attributes:
+        method: ``"auto"`` (F1-optimal on real labelled defects; from the good images'
+            scores when there are no defective images or they are synthetic), ``"nominal"``
+            (always from the good images' scores) or ``"f1"`` (always F1-optimal, also on
+            synthetic defects).
+        target_false_reject: the fraction of good parts a threshold from the good images'
+            scores rejects (it is their ``1 - target_false_reject`` quantile).
+    """
+
+    method: str = "auto"
+    target_false_reject: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.method not in ("auto", "nominal", "f1"):
+            raise ConfigError(f"threshold.method must be 'auto', 'nominal' or 'f1', got {self.method!r}")
+        if not 0.0 <= self.target_false_reject < 1.0:
+            raise ConfigError(f"threshold.target_false_reject must be in [0, 1), got {self.target_false_reject}")
+
+    def method_for(self, synthetic: bool) -> str:
+        """The method :func:`pipeline.evaluation.evaluate.choose_threshold` applies to an
+        evaluation set (real or synthetic defects)."""
+        return "nominal" if self.method == "auto" and synthetic else self.method
+
+
 def from_mapping(cls: type[T], section: str, values: Mapping[str, Any] | None) -> T:
     """Build settings ``cls`` from a mapping, refusing keys it does not know.
 
@@ -159,3 +189,12 @@ def to_dict(obj: Any) -> dict[str, Any]:
     """Settings as plain JSON-friendly types (tuples become lists)."""
     out = dataclasses.asdict(obj)
     return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+def cache_root() -> Path:
+    """Root of tracebank's caches: ``$TRACEBANK_CACHE``, else ``~/.cache/tracebank``
+    (``XDG_CACHE_HOME`` replaces ``~/.cache`` when set). Nothing is created here."""
+    root = os.environ.get("TRACEBANK_CACHE")
+    if root:
+        return Path(root).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "tracebank"

@@ -1,7 +1,8 @@
 """Dataset readers: MVTec AD layout (also BTAD, MPDD), MTD with its split, ELPV, a folder.
 
 A dataset is named by a SPEC string: ``mvtec:PATH/CATEGORY``, ``mtd:PATH``, ``elpv:mono``,
-``elpv:poly`` or ``folder:PATH``. Readers list files; decoding happens in
+``elpv:poly`` or ``folder:PATH``, or ``synthetic:SPEC`` for SPEC's good images with synthetic
+defects as the test split (:mod:`pipeline.data.synthetic_set`). Readers list files; decoding happens in
 :func:`load_images`, which reports unreadable files by path and skips or refuses them.
 """
 
@@ -12,10 +13,14 @@ import json
 import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .images import ImageError, read_image, read_mask
+
+if TYPE_CHECKING:
+    from .synthetic import SyntheticConfig
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
@@ -43,11 +48,15 @@ class Sample:
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    """Training (nominal only) and test samples of one dataset."""
+    """Training (nominal only) and test samples of one dataset.
+
+    ``synthetic`` describes the generator of a ``synthetic:`` test split (None for real ones).
+    """
 
     spec: str
     train: list[Sample]
     test: list[Sample]
+    synthetic: dict[str, Any] | None = None
 
     @property
     def has_masks(self) -> bool:
@@ -64,22 +73,31 @@ class Dataset:
             bad = [s for s in self.test if s.label == 1]
             half = n_test // 2
             test = rng.sample(good, min(half, len(good))) + rng.sample(bad, min(n_test - half, len(bad)))
-        return Dataset(self.spec, list(train), list(test))
+        return Dataset(self.spec, list(train), list(test), self.synthetic)
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
     kind, sep, arg = spec.partition(":")
-    if not sep or kind not in ("mvtec", "mtd", "elpv", "folder") or not arg:
+    if not sep or kind not in ("mvtec", "mtd", "elpv", "folder", "synthetic") or not arg:
         raise DatasetError(
             f"dataset spec {spec!r} not understood; use mvtec:PATH/CATEGORY, mtd:PATH, "
-            "elpv:mono, elpv:poly or folder:PATH"
+            "elpv:mono, elpv:poly, folder:PATH or synthetic:SPEC"
         )
     return kind, arg
 
 
-def open_dataset(spec: str) -> Dataset:
-    """Read the file lists of the dataset named by ``spec`` (no image is decoded)."""
+def open_dataset(spec: str, synthetic: SyntheticConfig | None = None) -> Dataset:
+    """Read the file lists of the dataset named by ``spec``.
+
+    No image is decoded, except for ``synthetic:SPEC``, whose defective copies are made (or
+    found in the cache) with the settings ``synthetic`` (default :class:`SyntheticConfig`).
+    """
     kind, arg = parse_spec(spec)
+    if kind == "synthetic":
+        from .synthetic import SyntheticConfig
+        from .synthetic_set import synthetic_dataset
+
+        return synthetic_dataset(open_dataset(arg), synthetic or SyntheticConfig())
     if kind == "mvtec":
         return _mvtec(spec, Path(arg))
     if kind == "mtd":

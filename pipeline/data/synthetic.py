@@ -9,7 +9,8 @@ pixels outside it are byte-identical to the input, pixels inside differ by >= :d
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -34,6 +35,8 @@ class SyntheticConfig:
             target is drawn log-uniformly in it (see :func:`make_defect` for the tolerance).
         seed: makes the whole run reproducible.
         use_foreground: keep defects inside the object :func:`estimate_foreground` finds, if any.
+        holdout: for an evaluation set (``synthetic:SPEC``) whose source has no good test images,
+            the fraction of the good training images held out as its good images and defect bases.
     """
 
     families: tuple[str, ...] = FAMILIES
@@ -41,9 +44,17 @@ class SyntheticConfig:
     max_area: float = 0.05
     seed: int = 0
     use_foreground: bool = True
+    holdout: float = 0.2
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "families", tuple(self.families))
         _check_settings(self.families, self.min_area, self.max_area)
+        if not 0.0 < self.holdout < 1.0:
+            raise ValueError(f"holdout must be in (0, 1), got {self.holdout}")
+
+    def as_dict(self) -> dict[str, Any]:
+        """The settings as JSON-friendly values (as a lineage records them)."""
+        return asdict(self) | {"families": list(self.families)}
 
 
 def synthesize(images: Sequence[np.ndarray], config: SyntheticConfig) -> list[tuple[np.ndarray, np.ndarray, str]]:

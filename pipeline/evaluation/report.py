@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import html
+import json
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -12,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pipeline.data.images import read_image  # noqa: E402
+from pipeline.data.images import read_image, read_mask  # noqa: E402
 
 from .evaluate import Evaluation  # noqa: E402
 from .metrics import pro_curve, roc_points  # noqa: E402
@@ -41,10 +43,39 @@ def _thin(x: np.ndarray, y: np.ndarray, limit: int = 2000) -> tuple[np.ndarray, 
     return x[keep], y[keep]
 
 
+def _outlined(sample_path: str, mask_path: str) -> np.ndarray:
+    """The image in RGB with the mask's boundary drawn in red."""
+    from scipy import ndimage
+
+    image = read_image(sample_path)
+    rgb = np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image.copy()
+    mask = read_mask(mask_path, image.shape[:2])
+    rgb[mask & ~ndimage.binary_erosion(mask, iterations=1)] = (255, 0, 0)
+    return rgb
+
+
+def _synthetic_section(result: Evaluation, out: Path, synthetic: dict[str, Any], per_family: int = 2) -> str:
+    settings = html.escape(json.dumps(synthetic.get("settings"), sort_keys=True))
+    tiles = []
+    for family in synthetic.get("settings", {}).get("families", []):
+        shown = [(i, s) for i, s in enumerate(result.samples) if s.label == 1 and s.kind == family and s.mask]
+        for i, sample in shown[:per_family]:
+            name = f"synthetic_{family}_{i}.png"
+            Image.fromarray(_outlined(sample.path, sample.mask or "")).save(out / name)
+            tiles.append(f'<figure><img src="{name}" width="256"><figcaption>{html.escape(family)}: '
+                         f"score {result.scores[i]:.3f}</figcaption></figure>")
+    return ("<h2>Synthetic defects</h2><p>The defective images of this evaluation are synthetic, made from "
+            f"{synthetic.get('n_good')} good images ({html.escape(str(synthetic.get('good_from')))}), seed "
+            f"{synthetic.get('seed')}, settings <code>{settings}</code>. Examples, mask outlined in red:</p>"
+            + "".join(tiles))
+
+
 def write_report(result: Evaluation, out_dir: str | Path, *, title: str, threshold: float | None,
-                 worst: int = 4, curves_dir: str | Path | None = None) -> Path:
+                 worst: int = 4, curves_dir: str | Path | None = None,
+                 synthetic: dict[str, Any] | None = None) -> Path:
     """Write ``report.html`` with its PNGs into ``out_dir`` and ``roc.csv``/``pro.csv`` into
-    ``curves_dir`` (default ``out_dir``)."""
+    ``curves_dir`` (default ``out_dir``). ``synthetic`` (the evaluation set's record, for
+    synthetic defects) adds a section with the generator settings and examples."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     curves = Path(curves_dir) if curves_dir else out
@@ -89,6 +120,7 @@ def write_report(result: Evaluation, out_dir: str | Path, *, title: str, thresho
         + "".join(f'<img src="{f}">' for f in figures)
         + "<h2>Worst misses and false alarms at the threshold</h2>"
         + ("".join(tiles) or "<p>none</p>")
+        + (_synthetic_section(result, out, synthetic) if synthetic else "")
     )
     page = out / "report.html"
     page.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import CoresetConfig, FeatureConfig, ScoringConfig
+from pipeline.config import CoresetConfig, FeatureConfig, ScoringConfig, ThresholdConfig
 from pipeline.data.datasets import Dataset, open_dataset
 from pipeline.evaluation.evaluate import evaluate
 from pipeline.lifecycle.stages import FeatureStore, extract_features, training_record
@@ -118,7 +118,8 @@ def _evaluated(
         return None, None
     start = time.perf_counter()
     with progress(len(dataset.test), "evaluating (images)") as bar:
-        result = evaluate(model, dataset.test, batch_size=batch_size, keep_maps=False, on_batch=bar.update)
+        result = evaluate(model, dataset.test, batch_size=batch_size, keep_maps=False, on_batch=bar.update,
+                          threshold_method=ThresholdConfig().method_for(dataset.synthetic is not None))
     timings["evaluate_s"] = time.perf_counter() - start
     metrics = result.metrics
     if metrics.get("threshold") is None:

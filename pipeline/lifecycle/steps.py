@@ -25,8 +25,11 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import CoresetConfig, FeatureConfig, ScoringConfig, from_mapping, to_dict
+from pipeline.config import CoresetConfig, FeatureConfig, ScoringConfig, ThresholdConfig, from_mapping, to_dict
 from pipeline.data.datasets import Dataset, open_dataset
+from pipeline.data.synthetic import SyntheticConfig
+from pipeline.data.synthetic_set import describe as describe_eval_set
+from pipeline.data.synthetic_set import is_synthetic
 from pipeline.data.validation import ValidationConfig, ValidationResult, validate_samples
 from pipeline.evaluation.evaluate import evaluate
 from pipeline.patchcore.bank import update_manifest
@@ -57,13 +60,16 @@ class Params:
     gates: GateConfig
     validation: ValidationConfig
     batch_size: int = 8
+    synthetic: SyntheticConfig = SyntheticConfig()
+    threshold: ThresholdConfig = ThresholdConfig()
 
     @classmethod
     def load(cls, path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
         path = Path(path)
         raw = yaml.safe_load(path.read_text()) or {}
         raw.update(overrides or {})
-        known = {"data", "features", "coreset", "scoring", "gates", "validation", "batch_size"}
+        known = {"data", "features", "coreset", "scoring", "gates", "validation", "batch_size", "synthetic",
+                 "threshold"}
         unknown = sorted(set(raw) - known)
         if unknown:
             from pipeline.config import ConfigError
@@ -77,7 +83,13 @@ class Params:
             gates=from_mapping(GateConfig, f"{path}: gates", raw.get("gates")),
             validation=from_mapping(ValidationConfig, f"{path}: validation", raw.get("validation")),
             batch_size=int(raw.get("batch_size", 8)),
+            synthetic=from_mapping(SyntheticConfig, f"{path}: synthetic", raw.get("synthetic")),
+            threshold=from_mapping(ThresholdConfig, f"{path}: threshold", raw.get("threshold")),
         )
+
+    def dataset(self) -> Dataset:
+        """The dataset ``data`` names (``synthetic:`` specs built with the ``synthetic`` settings)."""
+        return open_dataset(self.data, self.synthetic)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -88,6 +100,8 @@ class Params:
             "gates": dataclasses.asdict(self.gates),
             "validation": dataclasses.asdict(self.validation),
             "batch_size": self.batch_size,
+            "synthetic": self.synthetic.as_dict(),
+            "threshold": dataclasses.asdict(self.threshold),
         }
 
 
@@ -131,16 +145,27 @@ def evaluate_step(dataset: Dataset, work: Path, params: Params, on_batch: Any = 
 
     start = time.perf_counter()
     model, manifest = load_bank(work / "candidate")
-    result = evaluate(model, dataset.test, batch_size=params.batch_size, keep_maps=True, on_batch=on_batch)
+    result = evaluate(model, dataset.test, batch_size=params.batch_size, keep_maps=True, on_batch=on_batch,
+                      **threshold_settings(params, dataset))
     metrics = dict(result.metrics)
     metrics["seconds"] = time.perf_counter() - start
+    eval_set = describe_eval_set(dataset)
     report = write_report(result, work / "report", title=f"bank {manifest['bank_id']} on {dataset.spec}",
-                          threshold=metrics.get("threshold"), curves_dir=work / "plots")
+                          threshold=metrics.get("threshold"), curves_dir=work / "plots", synthetic=eval_set)
     write_json_atomic(work / "evaluation.json", {"bank_id": manifest["bank_id"], "metrics": metrics,
-                                                 "report": str(report)})
-    write_json_atomic(work / "metrics.json", {k: metrics.get(k) for k in
-                                              ("image_auroc", "pixel_auroc", "pro", "n_good", "n_defect", "f1")})
+                                                 "evaluation_set": eval_set, "report": str(report)})
+    write_json_atomic(work / "metrics.json", {k: metrics.get(k) for k in METRIC_KEYS})
     return metrics
+
+
+#: The metrics a lineage and ``metrics.json`` keep.
+METRIC_KEYS = ("image_auroc", "pixel_auroc", "pro", "n_good", "n_defect", "f1", "false_reject_rate", "miss_rate")
+
+
+def threshold_settings(params: Params, dataset: Dataset) -> dict[str, Any]:
+    """The threshold arguments of :func:`~pipeline.evaluation.evaluate.evaluate` for ``dataset``."""
+    return {"threshold_method": params.threshold.method_for(dataset.synthetic is not None),
+            "target_false_reject": params.threshold.target_false_reject}
 
 
 def production_metrics(registry: Registry, dataset: Dataset, params: Params) -> dict[str, Any] | None:
@@ -152,12 +177,14 @@ def production_metrics(registry: Registry, dataset: Dataset, params: Params) -> 
     if pointer is None:
         return None
     model, _ = load_bank(registry.bank_dir("production"))
-    return evaluate(model, dataset.test, batch_size=params.batch_size, keep_maps=True).metrics
+    return evaluate(model, dataset.test, batch_size=params.batch_size, keep_maps=True,
+                    **threshold_settings(params, dataset)).metrics
 
 
 def gate_step(work: Path, params: Params, production: dict[str, Any] | None) -> dict[str, Any]:
     evaluation = json.loads((work / "evaluation.json").read_text())
-    result = check_gates(evaluation["metrics"], params.gates, production)
+    result = check_gates(evaluation["metrics"], params.gates, production,
+                         synthetic=evaluation.get("evaluation_set") is not None)
     result["production_metrics"] = production
     write_json_atomic(work / "gate.json", result)
     return result
@@ -204,10 +231,11 @@ def register_step(
         "data_hash": data_hash,
         "data_spec": params.data,
         "files": manifest["training"]["files"],
-        "eval_files": len(open_dataset(params.data).test),
+        "eval_files": len(params.dataset().test),
+        "evaluation_set": evaluation.get("evaluation_set"),
         **git_state(),
         "params": params.as_dict(),
-        "metrics": {k: metrics.get(k) for k in ("image_auroc", "pixel_auroc", "pro", "n_good", "n_defect", "f1")},
+        "metrics": {k: metrics.get(k) for k in METRIC_KEYS},
         "threshold": threshold,
         "gates": gate,
         "timings": timings or {},
@@ -250,18 +278,21 @@ def register_fitted_bank(
         if not dataset.test:
             raise ValueError(f"{data} has no test images to evaluate and calibrate bank {manifest['bank_id']} on")
         model, _ = load_bank(bank_dir)
-        metrics = evaluate(model, dataset.test, batch_size=batch_size, keep_maps=False).metrics
+        method = ThresholdConfig().method_for(dataset.synthetic is not None)
+        metrics = evaluate(model, dataset.test, batch_size=batch_size, keep_maps=False,
+                           threshold_method=method).metrics
         threshold = None if metrics.get("threshold") is None else {
             "value": metrics["threshold"], "method": metrics["threshold_method"], "evaluated_on": data}
         if registry.production() is not None:
             current, _ = load_bank(registry.bank_dir("production"))
-            production = evaluate(current, dataset.test, batch_size=batch_size, keep_maps=False).metrics
+            production = evaluate(current, dataset.test, batch_size=batch_size, keep_maps=False,
+                                  threshold_method=method).metrics
     if threshold is None:
         raise ValueError(
             f"bank {manifest['bank_id']} has no decision threshold, so it could not decide anything: "
             f"`tracebank register {bank_dir} --data SPEC` evaluates it on SPEC's test split and sets one"
         )
-    gate = check_gates(metrics or {}, gates, production)
+    gate = check_gates(metrics or {}, gates, production, synthetic=data is not None and is_synthetic(data))
     staging = Path(tempfile.mkdtemp(prefix=".register-", dir=registry.root if registry.root.is_dir() else None))
     try:
         copy = staging / "bank"
@@ -275,8 +306,7 @@ def register_fitted_bank(
             "eval_files": (metrics or {}).get("n_good", 0) + (metrics or {}).get("n_defect", 0),
             **git_state(),
             "params": manifest["params"] | {"gates": dataclasses.asdict(gates)},
-            "metrics": {k: (metrics or {}).get(k) for k in ("image_auroc", "pixel_auroc", "pro", "n_good",
-                                                          "n_defect", "f1")},
+            "metrics": {k: (metrics or {}).get(k) for k in METRIC_KEYS},
             "threshold": threshold,
             "gates": gate | {"production_metrics": production},
             "registered_from": str(Path(bank_dir).resolve()),

@@ -29,7 +29,7 @@ import timm
 import torch
 from torch import nn
 
-from pipeline.config import FeatureConfig
+from pipeline.config import FeatureConfig, cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -66,15 +66,9 @@ class CachedModel:
 
 
 def cache_dir() -> Path:
-    """Directory of cached exports: ``$TRACEBANK_CACHE/onnx``, else ``~/.cache/tracebank/onnx``.
-
-    ``XDG_CACHE_HOME`` replaces ``~/.cache`` when set. Nothing is created here.
-    """
-    root = os.environ.get("TRACEBANK_CACHE")
-    if root:
-        return Path(root).expanduser() / "onnx"
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "tracebank" / "onnx"
+    """Directory of cached exports: ``onnx`` under :func:`pipeline.config.cache_root`
+    (``$TRACEBANK_CACHE``, else ``~/.cache/tracebank``). Nothing is created here."""
+    return cache_root() / "onnx"
 
 
 def available_cores() -> int:

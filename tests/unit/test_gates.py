@@ -59,7 +59,7 @@ def test_a_missing_image_auroc_fails_and_a_disabled_floor_is_not_checked():
     result = check_gates({"pro": 0.9, "pixel_auroc": 0.9}, CONFIG)
     assert not result["passed"] and result["failures"][0].startswith("image_auroc >= 0.9 failed (got None)")
     loose = check_gates({"image_auroc": 0.5}, GateConfig(image_auroc_min=None, pro_min=None, pixel_auroc_min=None))
-    assert loose == {"passed": True, "checks": [], "failures": []}
+    assert loose == {"passed": True, "defects": "real", "checks": [], "failures": []}
 
 
 def test_a_production_metric_that_is_missing_skips_only_that_comparison():
@@ -72,3 +72,20 @@ def test_a_production_metric_that_is_missing_skips_only_that_comparison():
 def test_floors_outside_zero_one_are_refused():
     with pytest.raises(ValueError, match=r"gates.pro_min must be in \[0, 1\]"):
         GateConfig(pro_min=1.5)
+
+
+def test_the_false_reject_ceiling_is_met_at_equality_and_fails_above_or_unmeasured():
+    config = GateConfig(image_auroc_min=None, pro_min=None, pixel_auroc_min=None, max_false_reject=0.05)
+    assert check_gates({"false_reject_rate": 0.05}, config)["passed"]  # 3 of 60 good parts rejected
+    above = check_gates({"false_reject_rate": 4 / 60}, config)
+    assert not above["passed"] and above["failures"] == ["false_reject_rate <= 0.05 failed (got 0.0667)"]
+    unmeasured = check_gates({"false_reject_rate": None}, config)
+    assert not unmeasured["passed"] and "no good test images" in unmeasured["failures"][0]
+
+
+def test_synthetic_metrics_are_named_synthetic_in_every_check():
+    production = {"image_auroc": 0.99, "pro": 0.7, "pixel_auroc": 0.86}
+    result = check_gates(GOOD, CONFIG, production, synthetic=True)
+    assert result["defects"] == "synthetic"
+    assert all(c["name"].startswith("synthetic ") for c in result["checks"]) and len(result["checks"]) == 6
+    assert result["failures"] == ["synthetic image_auroc not below production 0.9900 - 0.02 failed (got 0.95)"]

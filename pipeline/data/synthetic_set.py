@@ -1,0 +1,134 @@
+"""Evaluation sets with synthetic defects: ``synthetic:SPEC``, for lines without defect pictures.
+
+``synthetic:folder:good`` (or ``synthetic:mvtec:data``, ``synthetic:mtd:PATH``, ...) reads the
+dataset named by SPEC and replaces its test split by good images plus one synthetic defective
+copy of each (see :mod:`pipeline.data.synthetic`), with exact masks. The good images are the
+source's good test images when it has some; otherwise a seeded ``holdout`` fraction of its good
+training images, which then leave the training set. Real defective test images are never used.
+
+The defective copies are written as PNG files with their masks, in the MVTec layout, under
+``synthetic/<key>`` in :func:`pipeline.config.cache_root`; ``key`` hashes the generator settings
+and the bytes of the good images, so every process (DVC stage, flow task, CLI) that opens the same
+spec with the same settings reads the same files, built once and swapped in only when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from pipeline.config import cache_root
+
+from .datasets import Dataset, DatasetError, LoadReport, Sample, load_images
+from .intake import sha256_file
+from .synthetic import SyntheticConfig, synthesize
+
+#: Bumped whenever the generator's output for the same settings and images changes.
+GENERATOR_VERSION = 1
+PREFIX = "synthetic:"
+
+
+def is_synthetic(spec: str) -> bool:
+    return spec.startswith(PREFIX)
+
+
+def synthetic_dataset(source: Dataset, config: SyntheticConfig, cache: str | Path | None = None) -> Dataset:
+    """The dataset ``synthetic:<source.spec>``: ``source``'s training images (less the held-out
+    ones) and a test split of good images plus their synthetic defective copies.
+
+    Args:
+        source: the dataset to take good images from.
+        config: generator settings, seed and hold-out fraction.
+        cache: where the generated files go (default ``cache_root()/synthetic``).
+
+    Returns:
+        A dataset whose ``synthetic`` field records the settings, the seed, the number of
+        defects per family, where the good images came from and the folder of the files.
+
+    Raises:
+        DatasetError: fewer than 2 readable good images to build on, or no training image left.
+    """
+    train, bases, origin = _split(source, config)
+    report = LoadReport()
+    loaded = list(load_images(bases, report=report))
+    if len(loaded) < 2:
+        raise DatasetError(f"{PREFIX}{source.spec}: needs at least 2 readable good images to make synthetic "
+                           f"defects from, found {len(loaded)}; add good images or raise synthetic.holdout")
+    key = _key(config, [sample.path for sample, _, _ in loaded])
+    root = Path(cache) if cache is not None else cache_root() / "synthetic"
+    folder = root / key
+    if not (folder / "index.json").is_file():
+        _build(folder, [(sample, image) for sample, image, _ in loaded], config)
+    index = json.loads((folder / "index.json").read_text())
+    defects = [Sample(str(folder / item["image"]), 1, str(folder / item["mask"]), item["family"])
+               for item in index["defects"]]
+    good = [sample for sample, _, _ in loaded]
+    families = {family: sum(1 for d in defects if d.kind == family) for family in config.families}
+    record = {"settings": config.as_dict(),
+              "seed": config.seed, "generator_version": GENERATOR_VERSION, "good_from": origin,
+              "n_good": len(good), "n_defects": len(defects), "defects_per_family": families,
+              "skipped": [{"path": p, "reason": r} for p, r in report.skipped], "folder": str(folder)}
+    return Dataset(f"{PREFIX}{source.spec}", train, good + defects, synthetic=record)
+
+
+def _split(source: Dataset, config: SyntheticConfig) -> tuple[list[Sample], list[Sample], str]:
+    good_test = [s for s in source.test if s.label == 0]
+    if good_test:
+        return list(source.train), good_test, "test split"
+    shuffled = list(source.train)
+    random.Random(config.seed).shuffle(shuffled)
+    n_hold = max(2, round(len(shuffled) * config.holdout))
+    if len(shuffled) - n_hold < 1:
+        raise DatasetError(f"{PREFIX}{source.spec}: {len(shuffled)} good image(s) cannot be split into training "
+                           f"and a hold-out of {n_hold} for synthetic defects; add good images")
+    held = set(s.path for s in shuffled[:n_hold])
+    return ([s for s in source.train if s.path not in held], [s for s in source.train if s.path in held],
+            f"{n_hold} of {len(shuffled)} good training images held out (synthetic.holdout {config.holdout})")
+
+
+def _key(config: SyntheticConfig, paths: list[str]) -> str:
+    content = {"version": GENERATOR_VERSION, "settings": config.as_dict(),
+               "images": [sha256_file(p) for p in paths]}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _build(folder: Path, good: list[tuple[Sample, np.ndarray]], config: SyntheticConfig) -> None:
+    """Write the defective copies and masks into a temporary folder beside ``folder`` and
+    rename it into place when complete (a concurrent builder of the same key loses the race
+    harmlessly: both wrote the same bytes)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        items = []
+        made = synthesize([image for _, image in good], config)
+        for i, ((sample, _), (defective, mask, family)) in enumerate(zip(good, made, strict=True)):
+            name = f"{i:04d}_{Path(sample.path).stem}"
+            image_rel, mask_rel = f"test/{family}/{name}.png", f"ground_truth/{family}/{name}_mask.png"
+            for rel, array in ((image_rel, defective), (mask_rel, mask.astype(np.uint8) * 255)):
+                (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(array).save(staging / rel)
+            items.append({"image": image_rel, "mask": mask_rel, "family": family, "from": sample.path})
+        (staging / "index.json").write_text(json.dumps({"defects": items}, indent=1) + "\n")
+        try:
+            os.rename(staging, folder)
+        except OSError:
+            if not (folder / "index.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def describe(dataset: Dataset) -> dict[str, Any] | None:
+    """What a lineage records about a synthetic evaluation set (None for a real one)."""
+    if dataset.synthetic is None:
+        return None
+    return {k: v for k, v in dataset.synthetic.items() if k != "folder"} | {"synthetic": True}
