@@ -7,14 +7,15 @@ Fits deliberately different banks (backbones, levels, image sizes, coreset ratio
 the wrong input normalisation) on each dataset's training images, evaluates each on the real
 test split and on ``synthetic:SPEC`` (the same good test images plus one synthetic defect
 each, seed ``--seed``), and prints both metric columns and their Spearman rank correlation:
-image AUROC everywhere, PRO where the real defects have masks. Per-family correlations say
-which defect family tracks real quality and which does not.
+image AUROC everywhere, PRO where the real defects have masks. Correlations of each family and
+pair of families alone (the other defects left out) say which tracks real quality.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import sys
 import tempfile
@@ -35,7 +36,21 @@ BANKS: dict[str, tuple[dict[str, Any], float]] = {
     "lite1-240": ({"backbone": "tf_efficientnet_lite1", "image_size": 240}, 0.01),
     "lite2-260": ({"backbone": "tf_efficientnet_lite2", "image_size": 260}, 0.01),
     "broken-normalisation": ({"normalization": "imagenet"}, 0.01),
+    "random-weights": ({"weights": "random"}, 0.01),  # a broken weights file: see _random_weights
 }
+
+
+def _random_weights(directory: Path) -> str:
+    """A Lite0 weights file with timm's random initialisation (seed 0)."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    path = directory / "random-lite0.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return str(path)
 
 
 def run_bank(spec: str, name: str, seed: int) -> dict[str, Any]:
@@ -49,9 +64,11 @@ def run_bank(spec: str, name: str, seed: int) -> dict[str, Any]:
     from pipeline.patchcore.bank import load_bank
 
     overrides, ratio = BANKS[name]
-    features = FeatureConfig(**({"runtime": "onnx"} | overrides))
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
+        if overrides.get("weights") == "random":
+            overrides = overrides | {"weights": _random_weights(Path(tmp))}
+        features = FeatureConfig(**({"runtime": "onnx"} | overrides))
         fit_bank(spec, Path(tmp) / "bank", features, CoresetConfig(ratio=ratio), ScoringConfig(),
                  evaluate_after=False)
         model, _ = load_bank(Path(tmp) / "bank")
@@ -67,12 +84,15 @@ def run_bank(spec: str, name: str, seed: int) -> dict[str, Any]:
            "real_image_auroc": real["image_auroc"], "real_pro": real["pro"],
            "synthetic_image_auroc": synth.metrics["image_auroc"], "synthetic_pro": synth.metrics["pro"]}
     labels, kinds = synth.labels, [s.kind for s in synth.samples]
-    for family in sorted({k for k, lab in zip(kinds, labels, strict=True) if lab == 1}):
-        keep = [i for i, k in enumerate(kinds) if k in ("good", family)]
-        row[f"{family}_image_auroc"] = image_auroc(labels[keep], synth.scores[keep])
-        if pixels:
-            assert synth.maps is not None and synth.masks is not None
-            row[f"{family}_pro"] = pro_score([synth.masks[i] for i in keep], [synth.maps[i] for i in keep])
+    families = sorted({k for k, lab in zip(kinds, labels, strict=True) if lab == 1})
+    for size in range(1, len(families)):  # every proper subset of the families, e.g. "blob+scratch"
+        for subset in itertools.combinations(families, size):
+            keep = [i for i, k in enumerate(kinds) if k == "good" or k in subset]
+            column = "+".join(subset)
+            row[f"{column}_image_auroc"] = image_auroc(labels[keep], synth.scores[keep])
+            if pixels:
+                assert synth.maps is not None and synth.masks is not None
+                row[f"{column}_pro"] = pro_score([synth.masks[i] for i in keep], [synth.maps[i] for i in keep])
     return row
 
 

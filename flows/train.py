@@ -25,6 +25,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pipeline.data.datasets import Dataset
 from pipeline.data.importer import import_dataset
 from pipeline.lifecycle.registry import Registry
+from pipeline.lifecycle.retrain import choose_fit, extend_step
 from pipeline.lifecycle.steps import (
     Params,
     ValidationFailed,
@@ -60,6 +61,16 @@ def extract(dataset: Dataset, params: Params, work: Path) -> dict[str, Any]:
 @task
 def select(params: Params, work: Path) -> dict[str, Any]:
     return coreset_step(params, work, params.data)
+
+
+@task
+def plan(params: Params, registry: Registry, dataset: Dataset, full: bool) -> dict[str, Any]:
+    return choose_fit(params, registry, dataset, full=full)
+
+
+@task
+def extend(params: Params, work: Path, registry: Registry, dataset: Dataset, parent: str) -> dict[str, Any]:
+    return extend_step(params, work, registry, dataset, parent)
 
 
 @task
@@ -109,8 +120,11 @@ def train(
     registry_dir: str = "banks",
     data_dir: str = "data",
     auto_promote: bool = True,
+    full: bool = False,
 ) -> dict[str, Any]:
-    """Validate, fit, evaluate, gate, package and (on pass) promote a bank."""
+    """Validate, fit (extending production when only good images were added, see
+    :func:`pipeline.lifecycle.retrain.choose_fit`; ``full`` refits), evaluate, gate, package and
+    (on pass) promote a bank."""
     params = Params.load(params_file)
     work, registry = Path(work_dir), Registry(registry_dir)
     data_hash = track_data(data_dir) if Path(data_dir).is_dir() else None
@@ -119,19 +133,26 @@ def train(
     start = time.perf_counter()
     validate(dataset, params, work)
     timings["validate_s"] = time.perf_counter() - start
-    timings["extract_s"] = extract(dataset, params, work)["seconds"]
-    timings["coreset_s"] = select(params, work)["seconds"]
+    fit = plan(params, registry, dataset, full)
+    if fit["fit"] == "incremental":
+        extended = extend(params, work, registry, dataset, fit["parent"])
+        timings |= extended["timings"]
+        fit |= {"n_extracted": extended["n_extracted"], "n_added": extended["n_added"]}
+    else:
+        timings["extract_s"] = extract(dataset, params, work)["seconds"]
+        timings["coreset_s"] = select(params, work)["seconds"]
     metrics = evaluate(dataset, params, work)
     timings["evaluate_s"] = metrics["seconds"]
     gate(dataset, params, work, registry)
     outcome = package(params, work, registry, data_hash, timings)
     report = json.loads((work / "evaluation.json").read_text()).get("report")
-    _publish(outcome, metrics, report)
     if outcome["status"] == "candidate" and auto_promote:
         outcome["promotion"] = promote(registry, outcome["bank_id"])
         outcome["status"] = "production"
+    _publish(outcome, metrics, report)  # after promotion: the artifact states the final status
     outcome["report"] = report
     outcome["data_hash"] = data_hash
+    outcome["fit"] = fit
     return outcome
 
 
@@ -171,15 +192,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replace", action="store_true", help="with --import: replace a data/ that holds a dataset")
     parser.add_argument("--runner", default="thread", choices=["thread", "dask"])
     parser.add_argument("--no-promote", action="store_true")
-    parser.add_argument("--serve", metavar="CRON", help="serve the retrain flow on this cron schedule")
+    parser.add_argument("--serve", metavar="CRON", help="serve the retrain flow on this cron schedule "
+                        "(needs a Prefect server: PREFECT_API_URL)")
+    parser.add_argument("--inbox", metavar="DIR", help="take new good images from DIR (see flows/inbox.py)")
+    parser.add_argument("--full", action="store_true", help="refit instead of extending the production bank")
+    parser.add_argument("--reload-url", metavar="URL", help="with --inbox: after a promotion, POST URL/reload "
+                        "(token from TRACEBANK_ADMIN_TOKEN)")
     args = parser.parse_args(argv)
     if args.serve:
-        retrain_if_changed.serve(name="nightly-retrain", cron=args.serve)
-        return 0
+        return _serve(args)
+    if args.inbox:
+        from flows.inbox import retrain_from_inbox
+
+        result = retrain_from_inbox(args.inbox, full=args.full, reload_url=args.reload_url)
+        print(result["decision"])
+        outcome = result["outcome"]
+        return 0 if outcome is None or outcome["status"] in ("production", "candidate") else 3
     if args.source:
         import_dataset(args.source, "data", n_train=args.limit_train, n_test=args.limit_test, replace=args.replace)
     try:
-        outcome = with_runner(args.runner)(auto_promote=not args.no_promote)
+        outcome = with_runner(args.runner)(auto_promote=not args.no_promote, full=args.full)
     except ValidationFailed as exc:
         print(f"stopped before training: {exc}", file=sys.stderr)
         return 1
@@ -189,6 +221,27 @@ def main(argv: list[str] | None = None) -> int:
     for failure in outcome["gates"]["failures"]:
         print(f"  gate failed: {failure}")
     return 0 if outcome["status"] in ("production", "candidate") else 3
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Serve the scheduled deployment; refuses without a Prefect server (an ephemeral one
+    cannot run schedules)."""
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        print("--serve needs a running Prefect server, which keeps the schedule and runs it: start one "
+              "with `prefect server start` (see README, 'Scheduled retraining'), then "
+              "`export PREFECT_API_URL=http://127.0.0.1:4200/api` and run this again", file=sys.stderr)
+        return 2
+    if args.inbox:
+        from flows.inbox import retrain_from_inbox
+
+        retrain_from_inbox.serve(name="inbox-retrain", cron=args.serve,
+                                 parameters={"inbox": str(Path(args.inbox).resolve()), "full": args.full,
+                                             "reload_url": args.reload_url})
+    else:
+        retrain_if_changed.serve(name="nightly-retrain", cron=args.serve)
+    return 0
 
 
 if __name__ == "__main__":

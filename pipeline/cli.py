@@ -23,7 +23,7 @@ from tqdm import tqdm
 from pipeline.data.datasets import IMAGE_SUFFIXES, DatasetError, LoadReport, Sample, batched, load_images, open_dataset
 from pipeline.data.images import ImageError
 from pipeline.data.synthetic_set import describe as describe_eval_set
-from pipeline.evaluation.evaluate import evaluate
+from pipeline.evaluation.evaluate import default_method, evaluate
 from pipeline.evaluation.overlay import heatmap_overlay
 from pipeline.lifecycle.audit import AuditError
 from pipeline.lifecycle.fitting import Progress, extend_bank, fit_bank
@@ -31,7 +31,7 @@ from pipeline.lifecycle.registry import RegistryError
 from pipeline.patchcore.bank import BankError, load_bank
 
 from .cli_args import build_parser
-from .config import ConfigError, CoresetConfig, FeatureConfig, ScoringConfig, ThresholdConfig, from_mapping
+from .config import ConfigError, CoresetConfig, FeatureConfig, ScoringConfig, from_mapping
 
 #: Exit status for errors in what the user asked (not bugs).
 USER_ERROR = 2
@@ -103,7 +103,7 @@ def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
         raise DatasetError(f"{args.data} has no labelled test images to evaluate on")
     with _bar(len(dataset.test), "evaluating (images)", args.quiet or args.json) as bar:
         result = evaluate(model, dataset.test, batch_size=args.batch_size, keep_maps=False, on_batch=bar.update,
-                          threshold_method=ThresholdConfig().method_for(dataset.synthetic is not None))
+                          threshold_method=default_method(dataset.synthetic is not None))
     out = dict(result.metrics)
     out["bank_id"] = manifest["bank_id"]
     if dataset.synthetic is not None:
@@ -308,7 +308,16 @@ def _print_human(name: str, result: dict[str, Any]) -> None:
         print(f"  code       commit {result.get('git_commit')}{dirty}")
         print("  metrics    " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                          for k, v in metrics.items() if v is not None))
-        print(f"  threshold  {threshold}  gates {'passed' if gates.get('passed') else 'failed'}"
+        record = result.get("threshold") or {}
+        point = result.get("operating_point") or {}
+        chosen_on = record.get("chosen_on") or "test split"
+        print(f"  threshold  {threshold}  ({record.get('method')}, chosen on {chosen_on})")
+        parts = [f"{name} {point[key]:{spec}}" for key, name, spec in (
+            ("false_reject_rate", "false rejects", ".1%"), ("miss_rate", "misses", ".1%"), ("f1", "F1", ".3f"))
+            if point.get(key) is not None]
+        if parts:
+            print(f"  operating  {'  '.join(parts)}  on the test split")
+        print(f"  gates      {'passed' if gates.get('passed') else 'failed'} ({gates.get('defects', 'real')} defects)"
               + "".join(f"\n  gate failed: {f}" for f in gates.get("failures", [])))
         if result.get("promoted_at"):
             print(f"  promoted   {result['promoted_at']} by {result.get('promoted_by')}")

@@ -135,30 +135,31 @@ class ScoringConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ThresholdConfig:
-    """How a bank's decision threshold is chosen from its evaluation.
+    """How the pipeline chooses a bank's decision threshold.
 
     Attributes:
-        method: ``"auto"`` (F1-optimal on real labelled defects; from the good images'
-            scores when there are no defective images or they are synthetic), ``"nominal"``
-            (always from the good images' scores) or ``"f1"`` (always F1-optimal, also on
-            synthetic defects).
-        target_false_reject: the fraction of good parts a threshold from the good images'
-            scores rejects (it is their ``1 - target_false_reject`` quantile).
+        method: ``"nominal"``: the ``1 - target_false_reject`` quantile of the good calibration
+            images' scores, so about that share of good parts is rejected; ``"f1"``: F1-optimal
+            on the calibration split's labelled defects (held out from the test split; on a
+            ``synthetic:`` set, which has none there, the synthetic test defects are used).
+        target_false_reject: the share of good parts a ``"nominal"`` threshold rejects.
+        calibration: share of the good training images (and, for ``"f1"``, of the defective
+            test images) held out to choose the threshold on, disjoint from the images the bank
+            is fitted on and from the test split that metrics and gates use; 0 chooses it on
+            the test split.
     """
 
-    method: str = "auto"
+    method: str = "nominal"
     target_false_reject: float = 0.01
+    calibration: float = 0.1
 
     def __post_init__(self) -> None:
-        if self.method not in ("auto", "nominal", "f1"):
-            raise ConfigError(f"threshold.method must be 'auto', 'nominal' or 'f1', got {self.method!r}")
+        if self.method not in ("nominal", "f1"):
+            raise ConfigError(f"threshold.method must be 'nominal' or 'f1', got {self.method!r}")
         if not 0.0 <= self.target_false_reject < 1.0:
             raise ConfigError(f"threshold.target_false_reject must be in [0, 1), got {self.target_false_reject}")
-
-    def method_for(self, synthetic: bool) -> str:
-        """The method :func:`pipeline.evaluation.evaluate.choose_threshold` applies to an
-        evaluation set (real or synthetic defects)."""
-        return "nominal" if self.method == "auto" and synthetic else self.method
+        if not 0.0 <= self.calibration < 1.0:
+            raise ConfigError(f"threshold.calibration must be in [0, 1), got {self.calibration}")
 
 
 def from_mapping(cls: type[T], section: str, values: Mapping[str, Any] | None) -> T:

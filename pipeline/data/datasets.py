@@ -9,6 +9,7 @@ defects as the test split (:mod:`pipeline.data.synthetic_set`). Readers list fil
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import random
 from collections.abc import Iterator, Sequence
@@ -50,13 +51,16 @@ class Sample:
 class Dataset:
     """Training (nominal only) and test samples of one dataset.
 
-    ``synthetic`` describes the generator of a ``synthetic:`` test split (None for real ones).
+    ``synthetic`` describes the generator of a ``synthetic:`` test split (None for real ones);
+    ``calibration`` holds the images a decision threshold is chosen on, disjoint from both
+    splits (empty unless :func:`hold_out_calibration` made it).
     """
 
     spec: str
     train: list[Sample]
     test: list[Sample]
     synthetic: dict[str, Any] | None = None
+    calibration: list[Sample] = dataclasses.field(default_factory=list)
 
     @property
     def has_masks(self) -> bool:
@@ -73,7 +77,38 @@ class Dataset:
             bad = [s for s in self.test if s.label == 1]
             half = n_test // 2
             test = rng.sample(good, min(half, len(good))) + rng.sample(bad, min(n_test - half, len(bad)))
-        return Dataset(self.spec, list(train), list(test), self.synthetic)
+        return Dataset(self.spec, list(train), list(test), self.synthetic, list(self.calibration))
+
+
+def calibration_draw(path: str) -> float:
+    """A number in [0, 1) fixed by the file's name alone: an image is held out for calibration
+    when it is below the share, so the held-out set stays the same as new images arrive."""
+    return int(hashlib.sha256(Path(path).name.encode()).hexdigest()[:12], 16) / 16**12
+
+
+def hold_out_calibration(dataset: Dataset, share: float, *, defects: bool = False) -> Dataset:
+    """Move a ``share`` of the good training images (and, with ``defects``, of the defective
+    test images) into ``dataset.calibration``.
+
+    Which images go is decided by :func:`calibration_draw` on each name, so adding images
+    never moves an earlier image between training and calibration. At least one good image
+    is held out (the lowest draw) while at least one stays for training; with ``share`` 0
+    nothing moves.
+    """
+    if share <= 0 or len(dataset.train) < 2:
+        return dataset
+    draws = {s.path: calibration_draw(s.path) for s in dataset.train}
+    held = {p for p, d in draws.items() if d < share} or {min(draws, key=draws.__getitem__)}
+    if len(held) == len(dataset.train):
+        held.discard(max(held, key=draws.__getitem__))
+    calibration = [s for s in dataset.train if s.path in held]
+    test = list(dataset.test)
+    if defects:
+        bad = [s for s in test if s.label == 1 and calibration_draw(s.path) < share]
+        calibration += bad
+        test = [s for s in test if s not in bad]
+    return dataclasses.replace(dataset, train=[s for s in dataset.train if s.path not in held], test=test,
+                               calibration=calibration)
 
 
 def parse_spec(spec: str) -> tuple[str, str]:

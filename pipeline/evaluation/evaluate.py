@@ -51,12 +51,15 @@ def evaluate(
     on_batch: Callable[[int], None] | None = None,
     threshold_method: str = "auto",
     target_false_reject: float = 0.01,
+    fixed_threshold: tuple[float, str] | None = None,
 ) -> Evaluation:
     """Score ``samples`` with ``model`` and compute the metrics.
 
     Pixel metrics are computed only when some defective sample has a mask; images without
     a mask then count as all-nominal only if they are labelled good. ``threshold_method`` and
-    ``target_false_reject`` choose the decision threshold (see :func:`choose_threshold`).
+    ``target_false_reject`` choose the decision threshold from these images (see
+    :func:`choose_threshold`); ``fixed_threshold`` ``(value, method)``, chosen elsewhere (on a
+    calibration split), is used instead. The operating point is measured at the threshold.
     """
     with_masks = any(s.mask for s in samples if s.label == 1)
     report = LoadReport()
@@ -83,7 +86,7 @@ def evaluate(
     if with_masks:
         usable = [i for i, s in enumerate(done) if s.label == 0 or s.mask]
         pixel_pairs = ([masks[i] for i in usable], [maps[i] for i in usable]) if keep_maps else (masks, maps)
-    metrics = summarise(labels, all_scores, pixel_pairs, threshold_method, target_false_reject)
+    metrics = summarise(labels, all_scores, pixel_pairs, threshold_method, target_false_reject, fixed_threshold)
     metrics["n_skipped"] = len(report.skipped)
     return Evaluation(done, all_scores, maps if keep_maps else None, masks if with_masks else None, metrics, report)
 
@@ -94,6 +97,7 @@ def summarise(
     pixels: tuple[list[np.ndarray], list[np.ndarray]] | None = None,
     threshold_method: str = "auto",
     target_false_reject: float = 0.01,
+    fixed_threshold: tuple[float, str] | None = None,
 ) -> dict[str, Any]:
     """Metrics of one evaluation, as JSON-friendly values.
 
@@ -113,7 +117,10 @@ def summarise(
     if pixels is not None and both:
         out["pixel_auroc"] = pixel_auroc(*pixels)
         out["pro"] = pro_score(*pixels)
-    out.update(choose_threshold(labels, scores, threshold_method, target_false_reject))
+    if fixed_threshold is not None:
+        out.update({"threshold": fixed_threshold[0], "threshold_method": fixed_threshold[1]})
+    else:
+        out.update(choose_threshold(labels, scores, threshold_method, target_false_reject))
     out.update(operating_point(labels, scores, out["threshold"]))
     return out
 
@@ -130,6 +137,12 @@ def operating_point(labels: np.ndarray, scores: np.ndarray, threshold: float | N
     return {"false_reject_rate": float(fp / good.sum()) if good.any() else None,
             "miss_rate": float(fn / bad.sum()) if bad.any() else None,
             "f1": 2 * tp / (2 * tp + fp + fn) if bad.any() else None}
+
+
+def default_method(synthetic: bool) -> str:
+    """The threshold method of an evaluation without settings (``tracebank fit``/``evaluate``):
+    never tuned on synthetic defects (``"nominal"``), else ``"auto"``."""
+    return "nominal" if synthetic else "auto"
 
 
 def choose_threshold(

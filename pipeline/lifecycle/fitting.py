@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import CoresetConfig, FeatureConfig, ScoringConfig, ThresholdConfig
+from pipeline.config import CoresetConfig, FeatureConfig, ScoringConfig
 from pipeline.data.datasets import Dataset, open_dataset
-from pipeline.evaluation.evaluate import evaluate
+from pipeline.evaluation.evaluate import default_method, evaluate
 from pipeline.lifecycle.stages import FeatureStore, extract_features, training_record
 from pipeline.patchcore.bank import save_bank
 from pipeline.patchcore.coreset import coreset_size
@@ -119,7 +119,7 @@ def _evaluated(
     start = time.perf_counter()
     with progress(len(dataset.test), "evaluating (images)") as bar:
         result = evaluate(model, dataset.test, batch_size=batch_size, keep_maps=False, on_batch=bar.update,
-                          threshold_method=ThresholdConfig().method_for(dataset.synthetic is not None))
+                          threshold_method=default_method(dataset.synthetic is not None))
     timings["evaluate_s"] = time.perf_counter() - start
     metrics = result.metrics
     if metrics.get("threshold") is None:
@@ -129,9 +129,10 @@ def _evaluated(
 
 def extend_bank(
     parent: Path, spec: str, out: Path, *, batch_size: int = 8, evaluate_after: bool = True,
-    progress: Progress = no_progress,
+    progress: Progress = no_progress, dataset: Dataset | None = None,
 ) -> dict[str, Any]:
-    """Extend a fitted bank with the training images of ``spec`` it has not seen.
+    """Extend a fitted bank with the training images of ``spec`` it has not seen (of ``dataset``,
+    when given: the pipeline passes ``spec``'s dataset less its calibration split).
 
     Only the new images are extracted; the greedy k-center continues from the parent's
     centres over their features (:func:`~pipeline.patchcore.incremental.extend_coreset`),
@@ -149,7 +150,7 @@ def extend_bank(
     model, manifest = load_bank(parent)
     old_files = list(manifest["training"].get("files", []))
     known = {f["sha256"] for f in old_files}
-    dataset = open_dataset(spec)
+    dataset = dataset or open_dataset(spec)
     fresh = [s for s in dataset.train if sha256_file(s.path) not in known]
     if not fresh:
         raise ValueError(f"{spec} has no training image that bank {manifest['bank_id']} has not seen")

@@ -26,18 +26,19 @@ from typing import Any
 import yaml
 
 from pipeline.config import CoresetConfig, FeatureConfig, ScoringConfig, ThresholdConfig, from_mapping, to_dict
-from pipeline.data.datasets import Dataset, open_dataset
+from pipeline.data.datasets import Dataset, hold_out_calibration, open_dataset
 from pipeline.data.synthetic import SyntheticConfig
 from pipeline.data.synthetic_set import describe as describe_eval_set
 from pipeline.data.synthetic_set import is_synthetic
 from pipeline.data.validation import ValidationConfig, ValidationResult, validate_samples
-from pipeline.evaluation.evaluate import evaluate
+from pipeline.evaluation.evaluate import default_method, evaluate
 from pipeline.patchcore.bank import update_manifest
 from pipeline.patchcore.features import FeatureExtractor
 from pipeline.patchcore.model import PatchCore
 
 from .gates import GateConfig, check_gates
 from .registry import Registry, write_json_atomic
+from .retrain import RetrainConfig
 from .stages import FeatureStore, extract_features, training_record
 
 
@@ -62,6 +63,7 @@ class Params:
     batch_size: int = 8
     synthetic: SyntheticConfig = SyntheticConfig()
     threshold: ThresholdConfig = ThresholdConfig()
+    retrain: RetrainConfig = RetrainConfig()
 
     @classmethod
     def load(cls, path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
@@ -69,7 +71,7 @@ class Params:
         raw = yaml.safe_load(path.read_text()) or {}
         raw.update(overrides or {})
         known = {"data", "features", "coreset", "scoring", "gates", "validation", "batch_size", "synthetic",
-                 "threshold"}
+                 "threshold", "retrain"}
         unknown = sorted(set(raw) - known)
         if unknown:
             from pipeline.config import ConfigError
@@ -85,11 +87,15 @@ class Params:
             batch_size=int(raw.get("batch_size", 8)),
             synthetic=from_mapping(SyntheticConfig, f"{path}: synthetic", raw.get("synthetic")),
             threshold=from_mapping(ThresholdConfig, f"{path}: threshold", raw.get("threshold")),
+            retrain=from_mapping(RetrainConfig, f"{path}: retrain", raw.get("retrain")),
         )
 
     def dataset(self) -> Dataset:
-        """The dataset ``data`` names (``synthetic:`` specs built with the ``synthetic`` settings)."""
-        return open_dataset(self.data, self.synthetic)
+        """The dataset ``data`` names (``synthetic:`` specs built with the ``synthetic`` settings),
+        with its calibration split held out (``threshold.calibration``)."""
+        dataset = open_dataset(self.data, self.synthetic)
+        return hold_out_calibration(dataset, self.threshold.calibration,
+                                    defects=self.threshold.method == "f1" and dataset.synthetic is None)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -102,12 +108,13 @@ class Params:
             "batch_size": self.batch_size,
             "synthetic": self.synthetic.as_dict(),
             "threshold": dataclasses.asdict(self.threshold),
+            "retrain": dataclasses.asdict(self.retrain),
         }
 
 
 def validate_step(dataset: Dataset, config: ValidationConfig, work: Path) -> ValidationResult:
     """Check the images; raises :class:`ValidationFailed` (after writing the report)."""
-    result = validate_samples(dataset.train, dataset.test, config, work / "validate")
+    result = validate_samples(dataset.train + dataset.calibration, dataset.test, config, work / "validate")
     if not result.success:
         raise ValidationFailed(result)
     return result
@@ -145,8 +152,10 @@ def evaluate_step(dataset: Dataset, work: Path, params: Params, on_batch: Any = 
 
     start = time.perf_counter()
     model, manifest = load_bank(work / "candidate")
+    settings, chosen_on = threshold_settings(model, params, dataset)
     result = evaluate(model, dataset.test, batch_size=params.batch_size, keep_maps=True, on_batch=on_batch,
-                      **threshold_settings(params, dataset))
+                      **settings)
+    result.metrics["threshold_chosen_on"] = chosen_on
     metrics = dict(result.metrics)
     metrics["seconds"] = time.perf_counter() - start
     eval_set = describe_eval_set(dataset)
@@ -162,10 +171,19 @@ def evaluate_step(dataset: Dataset, work: Path, params: Params, on_batch: Any = 
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "pro", "n_good", "n_defect", "f1", "false_reject_rate", "miss_rate")
 
 
-def threshold_settings(params: Params, dataset: Dataset) -> dict[str, Any]:
-    """The threshold arguments of :func:`~pipeline.evaluation.evaluate.evaluate` for ``dataset``."""
-    return {"threshold_method": params.threshold.method_for(dataset.synthetic is not None),
-            "target_false_reject": params.threshold.target_false_reject}
+def threshold_settings(model: PatchCore, params: Params, dataset: Dataset) -> tuple[dict[str, Any], str]:
+    """The threshold arguments of :func:`~pipeline.evaluation.evaluate.evaluate` on ``dataset``'s
+    test split, and which images the threshold is chosen on: the calibration split (scored
+    here) when it has what ``threshold.method`` needs, else the test split itself."""
+    method, target = params.threshold.method, params.threshold.target_false_reject
+    calibration = dataset.calibration
+    usable = any(s.label == 0 for s in calibration) and (method == "nominal" or any(s.label == 1 for s in calibration))
+    if not usable:
+        return {"threshold_method": method, "target_false_reject": target}, "test split"
+    metrics = evaluate(model, calibration, batch_size=params.batch_size, keep_maps=False,
+                       threshold_method=method, target_false_reject=target).metrics
+    chosen_on = f"calibration split ({metrics['n_good']} good, {metrics['n_defect']} defective)"
+    return {"fixed_threshold": (metrics["threshold"], metrics["threshold_method"])}, chosen_on
 
 
 def production_metrics(registry: Registry, dataset: Dataset, params: Params) -> dict[str, Any] | None:
@@ -178,7 +196,7 @@ def production_metrics(registry: Registry, dataset: Dataset, params: Params) -> 
         return None
     model, _ = load_bank(registry.bank_dir("production"))
     return evaluate(model, dataset.test, batch_size=params.batch_size, keep_maps=True,
-                    **threshold_settings(params, dataset)).metrics
+                    **threshold_settings(model, params, dataset)[0]).metrics
 
 
 def gate_step(work: Path, params: Params, production: dict[str, Any] | None) -> dict[str, Any]:
@@ -225,18 +243,26 @@ def register_step(
     shutil.copytree(work / "candidate", staging)
     threshold = None
     if metrics.get("threshold") is not None:
-        threshold = {"value": metrics["threshold"], "method": metrics["threshold_method"], "evaluated_on": params.data}
+        threshold = {"value": metrics["threshold"], "method": metrics["threshold_method"], "evaluated_on": params.data,
+                     "chosen_on": metrics.get("threshold_chosen_on"),
+                     "target_false_reject": params.threshold.target_false_reject}
     manifest = update_manifest(staging, metrics=metrics, threshold=threshold)
+    training = manifest["training"]
     lineage = {
         "data_hash": data_hash,
         "data_spec": params.data,
-        "files": manifest["training"]["files"],
+        "files": training["files"],
+        "fit": {"fit": training.get("fit", "full"), "parent_bank": training.get("parent_bank"),
+                "increments": int(training.get("increments") or 0), "n_added": len(training.get("added_files") or [])},
+        "added_files": training.get("added_files", []),
         "eval_files": len(params.dataset().test),
         "evaluation_set": evaluation.get("evaluation_set"),
         **git_state(),
         "params": params.as_dict(),
         "metrics": {k: metrics.get(k) for k in METRIC_KEYS},
         "threshold": threshold,
+        "operating_point": {k: metrics.get(k) for k in ("false_reject_rate", "miss_rate", "f1")}
+        | {"measured_on": "test split"},
         "gates": gate,
         "timings": timings or {},
         "report": evaluation.get("report"),
@@ -278,7 +304,7 @@ def register_fitted_bank(
         if not dataset.test:
             raise ValueError(f"{data} has no test images to evaluate and calibrate bank {manifest['bank_id']} on")
         model, _ = load_bank(bank_dir)
-        method = ThresholdConfig().method_for(dataset.synthetic is not None)
+        method = default_method(dataset.synthetic is not None)
         metrics = evaluate(model, dataset.test, batch_size=batch_size, keep_maps=False,
                            threshold_method=method).metrics
         threshold = None if metrics.get("threshold") is None else {

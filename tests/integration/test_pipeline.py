@@ -31,8 +31,10 @@ def _env(project: Path) -> dict[str, str]:
     return env
 
 
-def run(project: Path, *args: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
-    proc = subprocess.run(list(args), cwd=project, env=_env(project), capture_output=True, text=True, timeout=timeout)
+def run(project: Path, *args: str, check: bool = True, timeout: int = 900,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(list(args), cwd=project, env=env or _env(project), capture_output=True, text=True,
+                          timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(
             f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -79,7 +81,14 @@ def test_prefect_flow_trains_gates_packages_and_promotes(flow_project):
     for key in ("bank_id", "data_hash", "files", "git_commit", "params", "metrics", "gates", "status", "promoted_at"):
         assert key in lineage, key
     assert lineage["status"] == "production" and lineage["gates"]["passed"]
-    assert len(lineage["files"]) == 24 and lineage["git_commit"]
+    assert lineage["git_commit"] and lineage["fit"]["fit"] == "full"
+    # 24 good cells imported: the bank holds those not held out to choose the threshold on
+    from pipeline.data.datasets import calibration_draw
+
+    held_out = [f for f in (project / "data" / "train" / "good").iterdir() if calibration_draw(str(f)) < 0.1]
+    assert len(lineage["files"]) == 24 - max(1, len(held_out))
+    assert lineage["threshold"]["chosen_on"] == f"calibration split ({max(1, len(held_out))} good, 0 defective)"
+    assert set(lineage["operating_point"]) == {"false_reject_rate", "miss_rate", "f1", "measured_on"}
     assert (project / "runs" / "report" / "report.html").is_file()
     stored = json.loads(run(project, str(BIN / "bentoml"), "models", "list", "-o", "json").stdout)
     assert any(m["tag"].startswith("tracebank-bank:") for m in stored)
@@ -173,5 +182,10 @@ def test_new_nominal_images_trigger_a_retrain_that_is_promoted(flow_project, elp
     assert outcome["retrained"] is True and outcome["status"] == "production"
     assert production(project) == outcome["bank_id"] != before
     lineage = json.loads(run(project, str(BIN / "tracebank"), "lineage", "production", "--json").stdout)
-    assert len(lineage["files"]) == 30
+    from pipeline.data.datasets import calibration_draw
+
+    good = list((project / "data" / "train" / "good").iterdir())
+    assert len(good) == 30
+    assert len(lineage["files"]) == 30 - max(1, sum(calibration_draw(str(f)) < 0.1 for f in good))
+    assert lineage["fit"]["fit"] == "incremental" and lineage["fit"]["parent_bank"] == before
     assert lineage["data_hash"] == yaml.safe_load((project / "data.dvc").read_text())["outs"][0]["md5"]

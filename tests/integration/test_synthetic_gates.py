@@ -2,7 +2,8 @@
 
 60 good magnetic tiles are imported as ``folder:`` data (no test split, no defect pictures);
 ``data: synthetic:mvtec:data`` holds out 12 of them and gives each a synthetic defect. A bank on
-ImageNet weights passes the floors and is promoted; a bank on random weights (what a broken
+ImageNet weights passes the floors (its threshold is chosen on good calibration tiles) and is
+promoted; a bank on random weights (what a broken
 weights file gives) fails them, is registered as rejected and production stays as it was.
 """
 
@@ -62,13 +63,16 @@ def test_a_good_only_line_is_gated_on_synthetic_defects_and_a_broken_bank_is_not
     assert evaluation_set["synthetic"] is True and evaluation_set["seed"] == 0
     assert evaluation_set["settings"]["families"] == ["cutpaste", "blob", "scratch"]
     assert evaluation_set["n_good"] == 12 and evaluation_set["n_defects"] == 12
-    assert len(lineage["files"]) == 48  # the 12 held-out tiles are not in the bank
+    # the threshold comes from good calibration tiles' scores, not from the synthetic defects
+    threshold = lineage["threshold"]
+    assert threshold["method"] == "nominal_quantile_0.99"
+    n_calibration = int(threshold["chosen_on"].split("(")[1].split(" good")[0])
+    assert threshold["chosen_on"] == f"calibration split ({n_calibration} good, 0 defective)" and n_calibration >= 1
+    assert len(lineage["files"]) == 48 - n_calibration  # neither the 12 test tiles nor those are in the bank
     gates = lineage["gates"]
     assert gates["passed"] and gates["defects"] == "synthetic"
     assert {c["name"] for c in gates["checks"]} >= {"synthetic image_auroc >= 0.8", "synthetic pro >= 0.6"}
     assert lineage["metrics"]["image_auroc"] >= 0.8 and lineage["metrics"]["pro"] >= 0.6
-    # the threshold comes from the good images' scores, not from the synthetic defects
-    assert lineage["threshold"]["method"] == "nominal_quantile_0.99"
     assert "Synthetic defects" in (project / lineage["report"]).read_text()
 
     _random_weights(tmp_path / "random.safetensors")
