@@ -7,6 +7,7 @@ import json
 import sys
 
 import numpy as np
+import yaml
 from scipy.stats import spearmanr
 
 from pipeline.data.datasets import load_images, open_dataset
@@ -17,6 +18,10 @@ from tests.integration.test_pipeline import BIN, make_project, run
 
 def test_two_dask_workers_fit_the_same_bank_as_one_machine(tmp_path):
     project = make_project(tmp_path / "dask")
+    # compare with `tracebank fit` on all 24 images: no calibration split held out here
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["threshold"]["calibration"] = 0
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
     proc = run(project, sys.executable, "-m", "flows.distributed", "--workers", "2", "--shards", "2",
                "--out", "runs/dask-bank")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
