@@ -1,7 +1,8 @@
 """Entry point of the ``dvc.yaml`` stages: ``python -m flows.dvc_stage STAGE``.
 
 Each stage reads ``params.yaml`` and calls the same ``pipeline.lifecycle.steps`` function as the
-Prefect flow; outputs go to ``runs/``.
+Prefect flow; outputs go to ``runs/``, metrics and plots to ``metrics/`` (kept in git). The
+Prefect flow works in ``runs/flow/``, so neither leaves the other's outputs modified.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ from pipeline.lifecycle import steps
 from pipeline.lifecycle.registry import Registry
 
 WORK = Path("runs")
+METRICS = Path("metrics")
+UNDRAWN = {"roc.csv": "the test split holds only one class (good or defective), so there is no ROC curve",
+           "pro.csv": "the test split has no defect masks, so there is no PRO curve; add masks under "
+                      "ground_truth/ (or use synthetic:SPEC) to draw it"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,16 +42,18 @@ def main(argv: list[str] | None = None) -> int:
     elif args.stage == "coreset":
         result = steps.coreset_step(params, WORK, params.data)
     elif args.stage == "evaluate":
-        result = steps.evaluate_step(dataset, WORK, params)
+        result = steps.evaluate_step(dataset, WORK, params, metrics_dir=METRICS)
+        for name, reason in UNDRAWN.items():  # DVC drops an empty plot without a word
+            if len((METRICS / "plots" / name).read_text().splitlines()) < 2:
+                print(f"plot metrics/plots/{name} not drawn: {reason}", file=sys.stderr)
     elif args.stage == "gate":
         result = steps.gate_step(WORK, params, steps.production_metrics(registry, dataset, params))
     else:
-        from serving.store import save_to_store
+        from serving.store import package as package_bank
 
         outcome = steps.register_step(WORK, params, registry, data_hash=steps.dvc_data_hash())
         if outcome["status"] == "candidate":
-            outcome["model_tag"] = save_to_store(outcome["bank_dir"], registry.lineage(outcome["bank_id"]))
-            registry.set_fields(outcome["bank_id"], model_tag=outcome["model_tag"])
+            outcome["model_tag"] = package_bank(registry, outcome["bank_id"])
         (WORK / "package.json").write_text(json.dumps(outcome, indent=2, default=str) + "\n")
         result = outcome
     print(json.dumps(result, indent=2, default=str) if not isinstance(result, str) else result)

@@ -75,7 +75,7 @@ def _summary(report: dict[str, Any], decision: str) -> str:
 def retrain_from_inbox(
     inbox: str,
     params_file: str = "params.yaml",
-    work_dir: str = "runs",
+    work_dir: str = "runs/flow",
     registry_dir: str = "banks",
     data_dir: str = "data",
     quarantine: str = "quarantine",

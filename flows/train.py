@@ -86,12 +86,11 @@ def gate(dataset: Dataset, params: Params, work: Path, registry: Registry) -> di
 @task(retries=2, retry_delay_seconds=2)
 def package(params: Params, work: Path, registry: Registry, data_hash: str | None,
             timings: dict[str, float]) -> dict[str, Any]:
-    from serving.store import save_to_store
+    from serving.store import package as package_bank
 
     outcome = register_step(work, params, registry, data_hash=data_hash, timings=timings)
     if outcome["status"] == "candidate":
-        outcome["model_tag"] = save_to_store(outcome["bank_dir"], registry.lineage(outcome["bank_id"]))
-        registry.set_fields(outcome["bank_id"], model_tag=outcome["model_tag"])
+        outcome["model_tag"] = package_bank(registry, outcome["bank_id"])
     return outcome
 
 
@@ -116,7 +115,7 @@ def _publish(outcome: dict[str, Any], metrics: dict[str, Any], report: str | Non
 @flow(name="tracebank-train", task_runner=ThreadPoolTaskRunner(max_workers=2))
 def train(
     params_file: str = "params.yaml",
-    work_dir: str = "runs",
+    work_dir: str = "runs/flow",
     registry_dir: str = "banks",
     data_dir: str = "data",
     auto_promote: bool = True,
@@ -158,7 +157,7 @@ def train(
 
 @flow(name="tracebank-retrain-if-changed")
 def retrain_if_changed(
-    params_file: str = "params.yaml", work_dir: str = "runs", registry_dir: str = "banks", data_dir: str = "data"
+    params_file: str = "params.yaml", work_dir: str = "runs/flow", registry_dir: str = "banks", data_dir: str = "data"
 ) -> dict[str, Any]:
     """Retrain when the nominal data's DVC hash differs from the production bank's."""
     registry = Registry(registry_dir)

@@ -35,19 +35,25 @@ class RequestGuard:
         app: the wrapped ASGI application.
         max_bytes: largest accepted request body.
         paths: request paths to guard (POST only).
+        observe: called with the path and HTTP status of every answer to a guarded request,
+            refusals included (for the service's request counters).
     """
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int, paths: tuple[str, ...]) -> None:
+    def __init__(self, app: ASGIApp, *, max_bytes: int, paths: tuple[str, ...],
+                 observe: Callable[[str, int], None] | None = None) -> None:
         if max_bytes <= 0:
             raise ValueError(f"max_bytes must be positive, got {max_bytes}")
         self.app = app
         self.max_bytes = max_bytes
         self.paths = frozenset(paths)
+        self.observe = observe
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") not in self.paths:
             await self.app(scope, receive, send)
             return
+        if self.observe is not None:
+            send = _observed(send, scope["path"], self.observe)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         media_type = headers.get("content-type", "").split(";")[0].strip().lower()
         if media_type not in ACCEPTED_TYPES:
@@ -143,6 +149,15 @@ async def _check_form(scope: Scope, body: bytes, content_type: str) -> tuple[str
         return None, b"".join(parts) + b"--" + boundary + b"--\r\n"
     finally:
         await form.close()
+
+
+def _observed(send: Send, path: str, observe: Callable[[str, int], None]) -> Send:
+    async def wrapped(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            observe(path, int(message["status"]))
+        await send(message)
+
+    return wrapped
 
 
 def _uniform_errors(send: Send) -> Send:

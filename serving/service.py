@@ -5,7 +5,8 @@ open http://127.0.0.1:3000 for the Swagger UI. Settings come from the environmen
 
     TRACEBANK_REGISTRY        registry folder whose production bank is served (``banks``)
     TRACEBANK_MODEL_TAG       serve this model-store tag instead (e.g. inside a Bento)
-    TRACEBANK_AUDIT_DB        SQLAlchemy URL or SQLite path (``audit/decisions.sqlite``)
+    TRACEBANK_AUDIT_DB        SQLAlchemy URL or SQLite path (``audit/decisions.sqlite``; in a Bento,
+                              relative to ``$XDG_DATA_HOME/tracebank``, never inside the Bento store)
     TRACEBANK_AUDIT_LOCK_S    longest wait for a locked audit database before 503 (5)
     TRACEBANK_AUDIT_MAX_MB    SQLite: largest size of the audit database; when full, 503 as on a full disk
     TRACEBANK_ADMIN_TOKEN     bearer token for ``/reload``; reload is refused when unset
@@ -24,6 +25,7 @@ import base64
 import binascii
 import dataclasses
 import hmac
+import json
 import logging
 import os
 import threading
@@ -41,7 +43,7 @@ from pipeline.lifecycle.inspection import InputError, LoadedBank, Result, Upload
 from pipeline.lifecycle.registry import Registry, RegistryError
 from pipeline.patchcore.bank import BankError
 from serving.guard import RequestGuard
-from serving.store import production_bank_dir
+from serving.store import bento_file, data_home, declared_bank_tag, production_bank_dir
 
 logger = logging.getLogger("bentoml.tracebank")
 
@@ -78,7 +80,7 @@ class Settings:
         return cls(
             registry=env.get("TRACEBANK_REGISTRY", "banks"),
             model_tag=env.get("TRACEBANK_MODEL_TAG") or None,
-            audit_db=env.get("TRACEBANK_AUDIT_DB", "audit/decisions.sqlite"),
+            audit_db=audit_location(env.get("TRACEBANK_AUDIT_DB") or "audit/decisions.sqlite"),
             audit_lock_s=lock_s,
             audit_max_mb=audit_max_mb,
             admin_token=env.get("TRACEBANK_ADMIN_TOKEN") or None,
@@ -86,6 +88,14 @@ class Settings:
             max_pixels=max_pixels,
             device=env.get("TRACEBANK_DEVICE", "cpu"),
         )
+
+
+def audit_location(setting: str) -> str:
+    """The audit database: as given, except that inside a Bento (whose ``src`` folder is the
+    working directory) a relative path is taken under :func:`serving.store.data_home`."""
+    if "://" in setting or Path(setting).is_absolute() or bento_file() is None:
+        return setting
+    return str(data_home() / setting)
 
 
 class BatchItem(BaseModel):
@@ -121,6 +131,24 @@ def _b64(text: str, field: str) -> bytes:
 
 SETTINGS = Settings.from_env()
 
+# Prometheus series on /metrics beside BentoML's own (bentoml.metrics is prometheus_client,
+# set up for BentoML's worker processes). Counters get the client's "_total" suffix.
+DECISIONS = bentoml.metrics.Counter(
+    name="tracebank_decisions", documentation="Recorded inspection decisions, by decision and bank",
+    labelnames=["decision", "bank_id"])
+SCORE_RATIO = bentoml.metrics.Histogram(
+    name="tracebank_score_threshold_ratio",
+    documentation="Anomaly score divided by the bank's threshold (1 is the decision boundary), by bank",
+    labelnames=["bank_id"], buckets=(0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0, 1.05, 1.1, 1.25, 1.5, 2.0, 3.0))
+REQUESTS = bentoml.metrics.Counter(
+    name="tracebank_requests", documentation="Inspection requests by endpoint and HTTP status",
+    labelnames=["endpoint", "status"])
+AUDIT_FAILURES = bentoml.metrics.Counter(
+    name="tracebank_audit_write_failures",
+    documentation="Requests refused (503) because their decisions could not be written to the audit database")
+# The bank `bentoml build` packs into the Bento (and BentoML resolves before serving).
+BANK_TAG = declared_bank_tag(SETTINGS.registry, SETTINGS.model_tag)
+
 
 @bentoml.service(
     name="tracebank",
@@ -130,6 +158,9 @@ SETTINGS = Settings.from_env()
 )
 class Inspection:
     """Serves the production bank; loads it once, verifies its hashes, audits every decision."""
+
+    if BANK_TAG is not None:
+        bank_model = bentoml.models.BentoModel(BANK_TAG)
 
     def __init__(self) -> None:
         self.settings = SETTINGS
@@ -145,6 +176,7 @@ class Inspection:
         except (BankError, RegistryError, OSError) as exc:
             self.load_error = str(exc)
             logger.error("no bank loaded: %s", exc)
+        logger.info("audit database: %s", self.audit.location())
 
     def _load(self) -> LoadedBank:
         directory = production_bank_dir(self.settings.registry, self.settings.model_tag)
@@ -165,7 +197,16 @@ class Inspection:
         if bank is None:
             raise RegistryError(f"no bank loaded: {self.load_error}")
         with self._predict_lock:
-            return decide(bank, uploads, self.audit)
+            try:
+                results = decide(bank, uploads, self.audit)
+            except AuditError:
+                AUDIT_FAILURES.inc()
+                raise
+        for result in results:
+            made = result.decision
+            DECISIONS.labels(decision=made.decision, bank_id=made.bank_id).inc()
+            SCORE_RATIO.labels(bank_id=made.bank_id).observe(made.score / made.threshold)
+        return results
 
     @bentoml.api(route="/predict")
     def predict(
@@ -245,8 +286,12 @@ class Inspection:
         try:
             info["lineage"] = Registry(self.settings.registry).lineage(bank.bank_id)
         except RegistryError as exc:
-            info["lineage"] = None
-            info["lineage_error"] = str(exc)
+            packaged = bank.directory / "lineage.json"  # a Bento carries the lineage it was packaged with
+            if packaged.is_file():
+                info["lineage"] = json.loads(packaged.read_text())
+            else:
+                info["lineage"] = None
+                info["lineage_error"] = str(exc)
         return info
 
     @bentoml.api(route="/reload")
@@ -279,5 +324,9 @@ class Inspection:
         return {"bank_id": fresh.bank_id, "previous": previous, "threshold": fresh.threshold}
 
 
+def _count_request(path: str, status: int) -> None:
+    REQUESTS.labels(endpoint=path, status=str(status)).inc()
+
+
 Inspection.add_asgi_middleware(RequestGuard, max_bytes=SETTINGS.max_request_bytes,
-                               paths=("/predict", "/predict_batch"))
+                               paths=("/predict", "/predict_batch"), observe=_count_request)

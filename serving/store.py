@@ -1,12 +1,18 @@
-"""Packaging banks into the BentoML model store, with lineage as labels and metadata."""
+"""Packaging banks into the BentoML model store, with lineage as labels and metadata.
+
+One model-store entry per bank: its tag is ``tracebank-bank:<bank id>``, so packaging a bank
+that is already stored changes nothing, and a registered bank's ``model_tag`` never moves.
+"""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import bentoml
+import yaml
 
 from pipeline.lifecycle.registry import Registry, RegistryError
 from pipeline.patchcore.bank import read_manifest
@@ -19,16 +25,31 @@ def _label(value: Any) -> str:
     return text[:60] if text else "none"
 
 
-def save_to_store(bank_dir: str | Path, lineage: dict[str, Any]) -> str:
-    """Copy a verified bank into the BentoML model store; returns the model tag.
+def model_tag_of(bank_id: str) -> str:
+    return f"{MODEL_NAME}:{bank_id}"
 
-    Labels carry what one filters on (bank id, status, data hash, git commit); metadata
-    carries the metrics and gate results.
+
+def stored(tag: str) -> bool:
+    try:
+        bentoml.models.get(tag)
+    except bentoml.exceptions.NotFound:
+        return False
+    return True
+
+
+def save_to_store(bank_dir: str | Path, lineage: dict[str, Any]) -> str:
+    """Copy a verified bank (its lineage included) into the BentoML model store; returns
+    the model tag. A bank already stored is left as it is.
+
+    Labels carry what one filters on (bank id, data hash, git commit), which never change
+    for a bank; its status lives in the registry. Metadata carries the metrics and gates.
     """
     manifest = read_manifest(bank_dir)
+    tag = model_tag_of(manifest["bank_id"])
+    if stored(tag):
+        return tag
     labels = {
         "bank_id": manifest["bank_id"],
-        "status": _label(lineage.get("status")),
         "data_hash": _label(lineage.get("data_hash")),
         "git_commit": _label(lineage.get("git_commit")),
     }
@@ -38,11 +59,23 @@ def save_to_store(bank_dir: str | Path, lineage: dict[str, Any]) -> str:
         "gates_passed": bool((lineage.get("gates") or {}).get("passed")),
         "threshold": (manifest.get("threshold") or {}).get("value"),
     }
-    with bentoml.models.create(MODEL_NAME, labels=labels, metadata=metadata) as model:
+    with bentoml.models.create(tag, labels=labels, metadata=metadata) as model:
         for item in Path(bank_dir).iterdir():
             if item.is_file():
                 shutil.copy2(item, Path(model.path) / item.name)
     return str(model.tag)
+
+
+def package(registry: Registry, bank_id: str) -> str:
+    """Store a registered bank in the model store (once) and record its tag in the lineage,
+    unless the lineage names one already."""
+    record = registry.lineage(bank_id)
+    if record.get("model_tag") and stored(record["model_tag"]):
+        return str(record["model_tag"])
+    tag = save_to_store(registry.bank_dir(bank_id), record)
+    if not record.get("model_tag"):
+        registry.set_fields(bank_id, model_tag=tag)
+    return tag
 
 
 def bank_path_in_store(tag: str) -> Path:
@@ -50,9 +83,47 @@ def bank_path_in_store(tag: str) -> Path:
     return Path(bentoml.models.get(tag).path)
 
 
+def bento_file() -> Path | None:
+    """``bento.yaml`` of the Bento being served, or None outside a Bento (BentoML imports a
+    Bento's service with its ``src`` folder as the working directory)."""
+    here = Path.cwd()
+    candidate = here.parent / "bento.yaml"
+    return candidate if here.name == "src" and candidate.is_file() else None
+
+
+def bundled_bank_tag() -> str | None:
+    """Inside a Bento: the tag of the bank it was built with."""
+    path = bento_file()
+    if path is None:
+        return None
+    info = yaml.safe_load(path.read_text()) or {}
+    models = [*(info.get("models") or []), *(m for svc in info.get("services") or [] for m in svc.get("models") or [])]
+    tags = [str(m["tag"]) for m in models if str(m.get("tag", "")).startswith(f"{MODEL_NAME}:")]
+    return tags[0] if tags else None
+
+
+def declared_bank_tag(registry_root: str | Path, model_tag: str | None = None) -> str | None:
+    """The bank the service declares as its BentoML model, so that ``bentoml build`` packs it.
+
+    ``TRACEBANK_MODEL_TAG`` when set, inside a Bento the bank it carries, else the registry's
+    production bank; None when that is not in this model store (the service then answers
+    503 with the reason instead of failing to start).
+    """
+    if model_tag:
+        tag: str | None = model_tag
+    elif (tag := bundled_bank_tag()) is None:
+        try:
+            registry = Registry(registry_root)
+            tag = registry.lineage("production").get("model_tag") if registry.production() else None
+        except (RegistryError, OSError, ValueError):
+            tag = None
+    return tag if tag and stored(tag) else None
+
+
 def production_bank_dir(registry_root: str | Path, model_tag: str | None = None) -> Path:
     """Where the bank to serve lives: an explicit model-store tag, else the registry's
-    production bank as packaged in the model store.
+    production bank as packaged in the model store, else (inside a Bento without a
+    registry) the bank the Bento carries.
 
     Raises:
         RegistryError: no production bank, or its packaged copy is not in this model store.
@@ -65,6 +136,9 @@ def production_bank_dir(registry_root: str | Path, model_tag: str | None = None)
     registry = Registry(registry_root)
     production = registry.production()
     if production is None:
+        bundled = bundled_bank_tag()
+        if bundled is not None:
+            return bank_path_in_store(bundled)
         raise RegistryError(
             f"no production bank in registry {registry_root}; run the training flow or `tracebank promote BANK`"
         )
@@ -82,6 +156,13 @@ def production_bank_dir(registry_root: str | Path, model_tag: str | None = None)
             f"production bank {production['bank_id']} names model {tag}, which is not in the BentoML model store "
             f"at {bentoml_home()}; set BENTOML_HOME to the store the pipeline packaged into"
         ) from exc
+
+
+def data_home() -> Path:
+    """Where a service run from a Bento keeps its state (the audit database): never inside
+    the Bento store. ``$XDG_DATA_HOME/tracebank``, by default ``~/.local/share/tracebank``."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "tracebank"
 
 
 def bentoml_home() -> str:

@@ -126,9 +126,9 @@ class AuditLog:
         try:
             metadata.create_all(self.engine)
         except SQLAlchemyError as exc:
-            raise AuditError(f"cannot open the audit database {self._safe_url()}: {_reason(exc)}") from exc
+            raise AuditError(f"cannot open the audit database {self.location()}: {_reason(exc)}") from exc
 
-    def _safe_url(self) -> str:
+    def location(self) -> str:
         return sa.engine.make_url(self.url).render_as_string(hide_password=True)
 
     def record(self, decision: Decision) -> None:
@@ -148,7 +148,7 @@ class AuditLog:
             with self.engine.begin() as conn:
                 conn.execute(decisions.insert(), rows)
         except SQLAlchemyError as exc:
-            raise AuditError(f"audit database {self._safe_url()}: {_reason(exc)}") from exc
+            raise AuditError(f"audit database {self.location()}: {_reason(exc)}") from exc
 
     def check(self) -> None:
         """Raise :class:`AuditError` unless the database answers (for readiness probes)."""
@@ -156,7 +156,7 @@ class AuditLog:
             with self.engine.connect() as conn:
                 conn.execute(sa.select(sa.func.count()).select_from(decisions).limit(1))
         except SQLAlchemyError as exc:
-            raise AuditError(f"audit database {self._safe_url()}: {_reason(exc)}") from exc
+            raise AuditError(f"audit database {self.location()}: {_reason(exc)}") from exc
 
     def query(
         self,

@@ -145,8 +145,10 @@ def coreset_step(params: Params, work: Path, spec: str, on_centres: Any = None) 
             "seconds": time.perf_counter() - start}
 
 
-def evaluate_step(dataset: Dataset, work: Path, params: Params, on_batch: Any = None) -> dict[str, Any]:
-    """Metrics, threshold, curves and the HTML report of the candidate bank."""
+def evaluate_step(dataset: Dataset, work: Path, params: Params, on_batch: Any = None,
+                  metrics_dir: Path | None = None) -> dict[str, Any]:
+    """Metrics, threshold, curves and the HTML report of the candidate bank; ``metrics.json``
+    and ``plots/*.csv`` go to ``metrics_dir`` (default ``work``)."""
     from pipeline.evaluation.report import write_report
     from pipeline.patchcore.bank import load_bank
 
@@ -160,10 +162,11 @@ def evaluate_step(dataset: Dataset, work: Path, params: Params, on_batch: Any = 
     metrics["seconds"] = time.perf_counter() - start
     eval_set = describe_eval_set(dataset)
     report = write_report(result, work / "report", title=f"bank {manifest['bank_id']} on {dataset.spec}",
-                          threshold=metrics.get("threshold"), curves_dir=work / "plots", synthetic=eval_set)
+                          threshold=metrics.get("threshold"), curves_dir=(metrics_dir or work) / "plots",
+                          synthetic=eval_set)
     write_json_atomic(work / "evaluation.json", {"bank_id": manifest["bank_id"], "metrics": metrics,
                                                  "evaluation_set": eval_set, "report": str(report)})
-    write_json_atomic(work / "metrics.json", {k: metrics.get(k) for k in METRIC_KEYS})
+    write_json_atomic((metrics_dir or work) / "metrics.json", {k: metrics.get(k) for k in METRIC_KEYS})
     return metrics
 
 
@@ -255,6 +258,7 @@ def register_step(
         "fit": {"fit": training.get("fit", "full"), "parent_bank": training.get("parent_bank"),
                 "increments": int(training.get("increments") or 0), "n_added": len(training.get("added_files") or [])},
         "added_files": training.get("added_files", []),
+        **({"distributed": training["distributed"]} if training.get("distributed") else {}),
         "eval_files": len(params.dataset().test),
         "evaluation_set": evaluation.get("evaluation_set"),
         **git_state(),

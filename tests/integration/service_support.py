@@ -84,19 +84,24 @@ def free_port() -> int:
 class Server:
     """``bentoml serve`` of this repository's bentofile, in its own process group."""
 
-    def __init__(self, project: Path, **env: str) -> None:
+    def __init__(self, project: Path, *, target: str | None = None, cwd: Path = REPO,
+                 environ: dict[str, str] | None = None, **env: str) -> None:
+        """``target`` a Bento tag (default: the bentofile in ``cwd``); ``environ`` replaces
+        the project's environment (see :func:`env_for`)."""
         self.project = project
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = project / f"server-{self.port}.log"
-        self.env = env_for(project, **env)
+        self.env = {**environ, **env} if environ is not None else env_for(project, **env)
+        self.target = [target] if target else []
+        self.cwd = cwd
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 240.0) -> Server:
         log = open(self.log_path, "wb")  # noqa: SIM115 - closed with the process
         self.proc = subprocess.Popen(
-            [str(BIN / "bentoml"), "serve", "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [str(BIN / "bentoml"), "serve", *self.target, "--host", "127.0.0.1", "--port", str(self.port)],
+            cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -129,6 +134,9 @@ class Server:
                 process.kill()
         if self.proc is not None:
             self.proc.wait(timeout=30)
+
+    def close(self) -> None:
+        self.stop()
 
     def stop(self) -> None:
         """SIGTERM to the arbiter (it stops its workers); SIGKILL whatever is left after 30 s."""

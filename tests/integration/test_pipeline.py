@@ -44,8 +44,10 @@ def run(project: Path, *args: str, check: bool = True, timeout: int = 900,
 
 def make_project(root: Path, *, gates: dict | None = None) -> Path:
     root.mkdir(parents=True, exist_ok=True)
-    for name in ("dvc.yaml", ".dvcignore"):
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
         shutil.copy(REPO / name, root / name)
+    with open(root / ".gitignore", "a") as ignore:  # this project's BentoML and Prefect homes
+        ignore.write("/.bentoml/\n/.prefect/\n")
     for package in ("pipeline", "flows", "serving"):  # the code the stages depend on
         shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -89,7 +91,7 @@ def test_prefect_flow_trains_gates_packages_and_promotes(flow_project):
     assert len(lineage["files"]) == 24 - max(1, len(held_out))
     assert lineage["threshold"]["chosen_on"] == f"calibration split ({max(1, len(held_out))} good, 0 defective)"
     assert set(lineage["operating_point"]) == {"false_reject_rate", "miss_rate", "f1", "measured_on"}
-    assert (project / "runs" / "report" / "report.html").is_file()
+    assert (project / "runs" / "flow" / "report" / "report.html").is_file()
     stored = json.loads(run(project, str(BIN / "bentoml"), "models", "list", "-o", "json").stdout)
     assert any(m["tag"].startswith("tracebank-bank:") for m in stored)
 
@@ -148,16 +150,27 @@ def test_validation_stops_broken_data_before_training(tmp_path):
     assert proc.returncode == 1
     assert "99999_empty.png" in proc.stderr and "99998_copy.png" in proc.stderr
     assert not (project / "banks").exists() or not any((project / "banks").iterdir())
-    assert not (project / "runs" / "features").exists()
-    assert list((project / "runs" / "validate").glob("**/index.html"))  # Data Docs written
+    assert not (project / "runs" / "flow" / "features").exists()
+    assert list((project / "runs" / "flow" / "validate").glob("**/index.html"))  # Data Docs written
 
 
-def test_dvc_repro_end_to_end_then_nothing_to_do(tmp_path):
+def git(project: Path, *args: str) -> subprocess.CompletedProcess:
+    return run(project, "git", "-c", "user.name=t", "-c", "user.email=t@t", *args)
+
+
+def test_dvc_as_its_users_know_it(tmp_path):
+    """`dvc repro` with dvc started as `.venv/bin/dvc` and no venv on PATH; nothing to do the
+    second time; metrics in git, so `dvc exp run -S`, `dvc exp show` and `dvc metrics diff`
+    show numbers; a plot that cannot be drawn says why; the Prefect flow leaves DVC clean."""
     project = make_project(tmp_path / "dvc")
-    first = run(project, str(BIN / "dvc"), "repro")
+    (project / ".venv").symlink_to(Path(sys.prefix))  # the project's interpreter, as `make setup` makes it
+    bare = {**_env(project), "PATH": "/usr/bin:/bin"}
+    bare.pop("PYTHONPATH")
+    first = run(project, str(BIN / "dvc"), "repro", env=bare)
     assert "Running stage 'package'" in first.stdout
+    assert "plot metrics/plots/pro.csv not drawn: the test split has no defect masks" in first.stderr
     metrics = json.loads(run(project, str(BIN / "dvc"), "metrics", "show", "--json").stdout)
-    values = next(iter(metrics.values()))["data"]["runs/metrics.json"]["data"]
+    values = next(iter(metrics.values()))["data"]["metrics/metrics.json"]["data"]
     assert 0.5 <= values["image_auroc"] <= 1.0
     package = json.loads((project / "runs" / "package.json").read_text())
     assert package["status"] == "candidate" and (project / "banks" / package["bank_id"]).is_dir()
@@ -165,6 +178,29 @@ def test_dvc_repro_end_to_end_then_nothing_to_do(tmp_path):
     assert "Running stage" not in second.stdout
     plots = run(project, str(BIN / "dvc"), "plots", "show", "-o", "plots-html")
     assert (project / "plots-html" / "index.html").is_file(), plots.stdout
+    git(project, "add", "-A")
+    git(project, "commit", "-q", "-m", "baseline bank")
+    assert "metrics/metrics.json" in git(project, "ls-files").stdout
+
+    run(project, str(BIN / "dvc"), "exp", "run", "-S", "coreset.ratio=0.02", env=bare)
+    rows = json.loads(run(project, str(BIN / "dvc"), "exp", "show", "--json").stdout)
+    found = {}
+    for commit in rows:
+        for exp in [commit, *[e for ex in commit.get("experiments") or [] for e in ex.get("revs") or []]]:
+            data = exp.get("data") or {}
+            ratio = (((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}).get("coreset", {})
+            found[ratio.get("ratio")] = (data.get("metrics") or {}).get("metrics/metrics.json", {}).get("data")
+    assert isinstance(found[0.02]["image_auroc"], float) and isinstance(found[0.05]["image_auroc"], float), found
+    git(project, "add", "-A")
+    git(project, "commit", "-q", "-m", "smaller coreset")
+    diff = json.loads(run(project, str(BIN / "dvc"), "metrics", "diff", "HEAD~1", "--json").stdout)
+    auroc = diff["metrics/metrics.json"]["image_auroc"]
+    assert auroc["old"] == found[0.05]["image_auroc"] and auroc["new"] == found[0.02]["image_auroc"]
+
+    # the Prefect flow on the same project leaves DVC's outputs as they are
+    run(project, sys.executable, "-m", "flows.train", "--no-promote")
+    status = json.loads(run(project, str(BIN / "dvc"), "status", "--json").stdout)
+    assert status == {}, status
 
 
 def test_new_nominal_images_trigger_a_retrain_that_is_promoted(flow_project, elpv_mono):

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -18,8 +21,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO
-from tests.integration.service_support import BIN, TOKEN, fit_and_register, png, run, running
+from pipeline.lifecycle.registry import Registry
+from tests.integration.service_support import BIN, TOKEN, Server, fit_and_register, png, run, running
 
 
 @pytest.fixture(scope="module")
@@ -104,12 +107,24 @@ def _bad_inputs(good: Path) -> dict[str, dict]:
     }
 
 
+def series(url: str) -> Counter:
+    """Every sample of the service's /metrics as {(name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return Counter({(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+                    for family in text_string_to_metric_families(text) for sample in family.samples})
+
+
 def test_bad_inputs_get_4xx_json_and_server_keeps_serving(server, project):
     good = Path(project["good"][0])
     before = len(audit_rows(project["root"]))
+    metrics_before = series(server.url)
+    statuses = Counter()
     with httpx.Client() as client:
         for case, spec in _bad_inputs(good).items():
             status = spec.pop("status")
+            statuses[str(status)] += 1
             if "output" in spec:
                 spec["data"]["output"] = spec.pop("output")
             response = client.post(f"{server.url}/predict", timeout=60, **spec)
@@ -120,15 +135,26 @@ def test_bad_inputs_get_4xx_json_and_server_keeps_serving(server, project):
             if case == "bad output":
                 assert body["field"] == "output", body
         assert client.get(f"{server.url}/readyz").status_code == 200
-        assert server.predict(client, good, "after-bad").status_code == 200
+        answer = server.predict(client, good, "after-bad")
+        assert answer.status_code == 200
     assert len(audit_rows(project["root"])) == before + 1  # refused requests are not decisions
     assert "refused request (415)" in server.log() and "refused request (413)" in server.log()
+    # /metrics: every answer counted by status, the one decision by outcome and bank, its score
+    grown = series(server.url)
+    grown.subtract(metrics_before)
+    statuses["200"] += 1
+    requests = {dict(k[1])["status"]: v for k, v in grown.items() if k[0] == "tracebank_requests_total" and v}
+    assert requests == statuses
+    bank, decision = answer.json()["bank_id"], answer.json()["decision"]
+    decisions = {k[1]: v for k, v in grown.items() if k[0] == "tracebank_decisions_total" and v}
+    assert decisions == {(("bank_id", bank), ("decision", decision)): 1}
+    ratio = answer.json()["score"] / answer.json()["threshold"]
+    buckets = {float(dict(k[1])["le"]): v for k, v in grown.items() if k[0] == "tracebank_score_threshold_ratio_bucket"}
+    assert buckets and all(v == (1 if ratio <= le else 0) for le, v in buckets.items()), (ratio, buckets)
 
 
 def test_any_text_is_a_part_id_as_the_readme_curl_sends_it(server, project):
     """Form fields are text: `curl -F part_id=4711` must not be refused as "not a string"."""
-    import subprocess
-
     good = project["good"][0]
     for text in ("4711", "true", "null", "1e3", "Teil 4711 / Los 7", "[1, 2]"):
         proc = subprocess.run(["curl", "-s", "-F", f"image=@{good}", "-F", f"part_id={text}",
@@ -255,14 +281,52 @@ def test_audit_cli_answers_which_bank_flagged_a_part(server, project):
     assert all(project["a"] in line for line in by_bank[1:])
 
 
-def test_bentoml_build_packs_the_service(tmp_path):
-    home = tmp_path / "bentoml-home"
-    import subprocess
+def test_a_bento_carries_its_bank_to_an_empty_machine(server, project, tmp_path):
+    """`bentoml build` packs the production bank; exported, imported into an empty store and
+    served from an empty folder, the Bento answers with that bank and keeps its audit
+    database outside the Bento store."""
+    root = project["root"]
+    production = Registry(root / "banks").production()["bank_id"]
+    with httpx.Client() as client:
+        reference = server.predict(client, project["bad"][0], "reference").json()  # the repository's service
+    assert reference["bank_id"] == production
+    bentoml = str(BIN / "bentoml")
+    tag = run(root, bentoml, "build", "--output", "tag").strip().splitlines()[-1].removeprefix("__tag__:")
+    info = json.loads(run(root, bentoml, "get", tag, "-o", "json"))
+    assert [m["tag"] for svc in info["services"] for m in svc["models"]] == [f"tracebank-bank:{production}"]
+    model = json.loads(run(root, bentoml, "models", "get", f"tracebank-bank:{production}", "-o", "json"))
+    assert model["labels"]["bank_id"] == production and {"data_hash", "git_commit"} <= set(model["labels"])
+    # packaging a stored bank again changes nothing: one model-store entry per bank id
+    stored = json.loads(run(root, bentoml, "models", "list", "-o", "json"))
+    again = run(root, sys.executable, "-c", "import sys; from pipeline.lifecycle.registry import Registry; "
+                "from serving.store import package; print(package(Registry(sys.argv[1]), 'production'))",
+                str(root / "banks")).strip()
+    assert again == f"tracebank-bank:{production}" == Registry(root / "banks").lineage(production)["model_tag"]
+    assert json.loads(run(root, bentoml, "models", "list", "-o", "json")) == stored
+    assert sorted(m["tag"] for m in stored) == sorted(f"tracebank-bank:{b}" for b in (project["a"], project["b"]))
+    archive = tmp_path / "tracebank.bento"
+    run(root, bentoml, "export", tag, str(archive))
 
-    proc = subprocess.run([str(BIN / "bentoml"), "build", "--output", "tag"], cwd=REPO, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "BENTOML_HOME": str(home)})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    bento = next(p for p in (home / "bentos" / "tracebank").iterdir() if p.name != "latest")
-    assert (bento / "src" / "serving" / "service.py").is_file()
-    assert (bento / "src" / "pipeline" / "patchcore" / "bank.py").is_file()
-    assert "serving.service:Inspection" in (bento / "bento.yaml").read_text()
+    # another machine: an empty BentoML home, an empty folder, no registry, no repository
+    home, elsewhere = tmp_path / "home", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    environ = {key: value for key, value in os.environ.items()
+               if not key.startswith(("TRACEBANK_", "BENTOML_", "PYTHONPATH", "XDG_"))}
+    environ.update({"HOME": str(home), "BENTOML_HOME": str(home / "bentoml"), "BENTOML_DO_NOT_TRACK": "true",
+                    "PATH": f"{BIN}{os.pathsep}{environ['PATH']}"})
+    imported = subprocess.run([bentoml, "import", str(archive)], cwd=elsewhere, env=environ, capture_output=True,
+                              text=True, timeout=300)
+    assert imported.returncode == 0, imported.stderr[-2000:]
+    with contextlib.closing(Server(tmp_path, target=tag, cwd=elsewhere, environ=environ).start()) as srv:
+        with httpx.Client() as client:
+            answer = srv.predict(client, project["bad"][0], "4711")
+            metadata = client.post(f"{srv.url}/metadata", json={}, timeout=60).json()
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["bank_id"] == production and body["score"] == pytest.approx(reference["score"], rel=1e-4)
+    assert body["decision"] == reference["decision"] and body["threshold"] == reference["threshold"]
+    assert metadata["lineage"]["bank_id"] == production and metadata["lineage"]["metrics"]
+    audit = home / ".local" / "share" / "tracebank" / "audit" / "decisions.sqlite"
+    with sqlite3.connect(audit) as conn:
+        assert conn.execute("SELECT bank_id, part_id FROM decisions").fetchall() == [(production, "4711")]
+    assert not list((home / "bentoml").rglob("*.sqlite")), "the audit database landed in the Bento store"

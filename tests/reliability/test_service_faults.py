@@ -173,11 +173,15 @@ def test_full_disk_gives_503_then_recovers(project, tmp_path):
         filler.execute("DROP TABLE filler")  # frees its pages for the audit rows
         filler.close()
         recovered = server.predict(client, project["good"][0], "after-full")
+        metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
     assert 503 in statuses and set(statuses) <= {200, 503}, statuses
     assert recovered.status_code == 200
     rows = rows_of(db)
     answered = {f"full-{i}" for i, s in enumerate(statuses) if s == 200}
     assert {r["part_id"] for r in rows} == {"before-full", "after-full"} | answered
+    # /metrics counts the refusals as audit write failures and as 503s
+    assert f"tracebank_audit_write_failures_total {float(statuses.count(503))}" in metrics
+    assert f'tracebank_requests_total{{endpoint="/predict",status="503"}} {float(statuses.count(503))}' in metrics
     record("full_disk", {"statuses_while_full": statuses})
 
 
