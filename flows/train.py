@@ -11,9 +11,11 @@ Runs without a Prefect server configured (Prefect starts a temporary local one).
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -232,6 +234,11 @@ def _serve(args: argparse.Namespace) -> int:
               "with `prefect server start` (see README, 'Scheduled retraining'), then "
               "`export PREFECT_API_URL=http://127.0.0.1:4200/api` and run this again", file=sys.stderr)
         return 2
+    # Prefect's runner keeps its files in <tmp>/runner_storage, one folder for every user of
+    # the machine: one made by another user would refuse ours. Use a temp folder of our own.
+    own = Path(tempfile.gettempdir()) / f"tracebank-{getpass.getuser()}"
+    own.mkdir(mode=0o700, exist_ok=True)
+    tempfile.tempdir = str(own)
     if args.inbox:
         from flows.inbox import retrain_from_inbox
 
