@@ -225,3 +225,11 @@ def test_new_nominal_images_trigger_a_retrain_that_is_promoted(flow_project, elp
     assert len(lineage["files"]) == 30 - max(1, sum(calibration_draw(str(f)) < 0.1 for f in good))
     assert lineage["fit"]["fit"] == "incremental" and lineage["fit"]["parent_bank"] == before
     assert lineage["data_hash"] == yaml.safe_load((project / "data.dvc").read_text())["outs"][0]["md5"]
+
+
+def test_serve_without_a_prefect_server_stops_with_the_advice(tmp_path):
+    """A schedule needs a server that keeps it: without one, `--serve` says so and how."""
+    env = {k: v for k, v in _env(tmp_path).items() if k != "PREFECT_API_URL"}
+    proc = run(tmp_path, sys.executable, "-m", "flows.train", "--serve", "0 3 * * *", check=False, env=env)
+    assert proc.returncode == 2
+    assert "needs a running Prefect server" in proc.stderr and "prefect server start" in proc.stderr
