@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .config import PADDINGS, CoresetConfig, FeatureConfig, ScoringConfig
+from .config import IMAGE_SCORES, PADDINGS, CoresetConfig, FeatureConfig, ScoringConfig
 
 
 def build_parser(description: str = "") -> argparse.ArgumentParser:
@@ -37,6 +37,11 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     fit.add_argument("--ratio", type=float, default=CoresetConfig().ratio, help="coreset ratio in (0, 1]")
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--neighbors", type=int, default=ScoringConfig().num_neighbors)
+    fit.add_argument("--image-score", default=ScoringConfig().image_score, choices=list(IMAGE_SCORES),
+                     help="eq7: the paper's single worst patch; smoothed: mixed with the largest value of "
+                          "the patch-score grid after a Gaussian (the default)")
+    fit.add_argument("--sigma", type=float, default=ScoringConfig().sigma,
+                     help="Gaussian smoothing of the anomaly map, in input pixels")
     fit.add_argument("--index", default="flat", choices=["flat", "ivfpq"])
     fit.add_argument("--limit", type=int, help="use only the first N training / N test images")
     fit.add_argument("--no-evaluate", action="store_true", help="skip evaluation (no threshold)")

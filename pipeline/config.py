@@ -22,6 +22,9 @@ class ConfigError(ValueError):
 #: Border treatments of the local neighbourhood average (``FeatureConfig.padding``).
 PADDINGS = ("zeros", "exclude", "replicate", "reflect")
 
+#: Image scores from the patch scores (``ScoringConfig.image_score``).
+IMAGE_SCORES = ("eq7", "smoothed")
+
 
 @dataclasses.dataclass(frozen=True)
 class FeatureConfig:
@@ -118,11 +121,20 @@ class ScoringConfig:
         num_neighbors: b of the paper's Eq. 7 reweighting (bank neighbours of m*).
         index: ``"flat"`` (exact L2) or ``"ivfpq"`` (approximate, for very large banks).
         sigma: Gaussian smoothing of the anomaly map, in input pixels.
+        image_score: ``"eq7"``: the paper's Eq. 7, the reweighted score of the single worst
+            patch; ``"smoothed"``: ``image_weight`` x Eq. 7 + (1 - ``image_weight``) x the
+            largest value of the patch-score grid after a Gaussian of ``image_sigma`` grid
+            cells, so a defect must stand out over a neighbourhood, not in one patch.
+        image_sigma: that Gaussian's standard deviation, in patch-grid cells.
+        image_weight: the share of Eq. 7's single-patch score in the ``"smoothed"`` score.
     """
 
     num_neighbors: int = 9
     index: str = "flat"
     sigma: float = 4.0
+    image_score: str = "smoothed"
+    image_sigma: float = 4.0
+    image_weight: float = 0.3
 
     def __post_init__(self) -> None:
         if self.num_neighbors < 1:
@@ -131,6 +143,14 @@ class ScoringConfig:
             raise ConfigError(f"scoring.index must be 'flat' or 'ivfpq', got {self.index!r}")
         if self.sigma < 0:
             raise ConfigError(f"scoring.sigma must be >= 0, got {self.sigma}")
+        if self.image_score not in IMAGE_SCORES:
+            raise ConfigError(
+                f"scoring.image_score must be one of {', '.join(IMAGE_SCORES)}, got {self.image_score!r}"
+            )
+        if self.image_sigma <= 0:
+            raise ConfigError(f"scoring.image_sigma must be > 0 (grid cells), got {self.image_sigma}")
+        if not 0.0 <= self.image_weight <= 1.0:
+            raise ConfigError(f"scoring.image_weight must be in [0, 1], got {self.image_weight}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -244,6 +244,8 @@ def load_bank(
     params = manifest["params"]
     feature_values = dict(params["features"])
     feature_values.setdefault("padding", "exclude")  # banks from before features.padding pooled so
+    scoring_values = dict(params["scoring"])
+    scoring_values.setdefault("image_score", "eq7")  # banks from before scoring.image_score scored so
     if device is not None:
         feature_values["device"] = device
         if device != "cpu" and runtime is None:
@@ -254,7 +256,7 @@ def load_bank(
     model = PatchCore(
         features,
         from_mapping(CoresetConfig, f"{directory}: params.coreset", params["coreset"]),
-        from_mapping(ScoringConfig, f"{directory}: params.scoring", params["scoring"]),
+        from_mapping(ScoringConfig, f"{directory}: params.scoring", scoring_values),
     )
     expected = manifest["backbone"]["weights_sha256"]
     if model.extractor.backbone.weights_sha256 != expected:

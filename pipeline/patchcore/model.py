@@ -18,7 +18,7 @@ from pipeline.config import CoresetConfig, FeatureConfig, ScoringConfig
 from .coreset import greedy_coreset
 from .features import FeatureExtractor, Placement
 from .index import NNIndex
-from .scoring import anomaly_maps, reweighted_image_scores, to_original
+from .scoring import anomaly_maps, reweighted_image_scores, smoothed_image_scores, to_original
 
 
 class NotFittedError(RuntimeError):
@@ -123,7 +123,10 @@ class PatchCore:
             queries, patch, nearest[:, 0].reshape(b, h * w), self.memory_bank_, self.index_,
             self.scoring.num_neighbors,
         )
-        return scores, torch.from_numpy(patch.reshape(b, h, w))
+        grid = patch.reshape(b, h, w)
+        if self.scoring.image_score == "smoothed":
+            scores = smoothed_image_scores(grid, scores, self.scoring.image_sigma, self.scoring.image_weight)
+        return scores, torch.from_numpy(grid)
 
     def predict(self, images: Sequence[np.ndarray], *, maps: bool = True) -> Prediction:
         """Score a batch of images; anomaly maps at each image's original size."""

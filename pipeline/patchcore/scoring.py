@@ -1,4 +1,4 @@
-"""Patch scores, the image score of Eq. 7, and smoothed anomaly maps (PatchCore, Sec. 3.3)."""
+"""Patch scores, the image score of Eq. 7 or of the smoothed grid, and smoothed anomaly maps (Sec. 3.3)."""
 
 from __future__ import annotations
 
@@ -64,6 +64,61 @@ def reweighted_image_scores(
         log_softmax0 = dist[0] - (top + math.log(np.exp(dist - top).sum()))
         scores[i] = (1.0 - math.exp(log_softmax0)) * s_star[i]
     return scores.astype(np.float32)
+
+
+@functools.lru_cache(maxsize=16)
+def grid_blur_operator(cells: int, sigma: float) -> np.ndarray:
+    """The Gaussian of ``sigma`` cells along one grid axis, reflect-padded, as a matrix.
+
+    Row ``i`` holds the weights the blurred value at ``i`` gives each cell: the taps of
+    :func:`gaussian_kernel` at ``i + t``, an index past an end mirrored back into the grid
+    (``... 2 1 | 0 1 2 ... g-1 | g-2 ...``, the edge not repeated, as ``mode="reflect"``)
+    as often as the kernel's radius needs, so any radius works on any grid. Rows sum to 1.
+
+    Returns:
+        ``(cells, cells)`` float64.
+    """
+    kernel = gaussian_kernel(sigma).double().numpy()
+    radius = len(kernel) // 2
+    op = np.zeros((cells, cells))
+    if cells == 1:
+        op[0, 0] = 1.0
+        return op
+    period = 2 * (cells - 1)
+    for i in range(cells):
+        for t in range(-radius, radius + 1):
+            j = (i + t) % period
+            op[i, j if j < cells else period - j] += kernel[t + radius]
+    op.flags.writeable = False  # shared by every caller through the cache
+    return op
+
+
+def smoothed_image_scores(grid: np.ndarray, single: np.ndarray, sigma: float, weight: float) -> np.ndarray:
+    """Image scores from the patch-score grid smoothed over a neighbourhood.
+
+        s = weight * single + (1 - weight) * max_(i, j) (G_sigma * grid)_(i, j)
+
+    with ``G_sigma`` a Gaussian of ``sigma`` grid cells (reflect padding, as the maps). A
+    single patch that matches the bank badly, which nominal texture produces now and then,
+    lifts its own cell only; a defect lifts a neighbourhood, so after the blur it keeps
+    its height while the lone patch is spread out. ``single`` keeps the Eq. 7 score of the
+    worst patch in the sum, so small, sharp defects still count.
+
+    Args:
+        grid: ``(B, h, w)`` patch scores.
+        single: ``(B,)`` the single-patch image scores (Eq. 7).
+        sigma: Gaussian standard deviation in grid cells (> 0).
+        weight: share of ``single`` in the score, in ``[0, 1]``.
+
+    Returns:
+        ``(B,)`` float32.
+    """
+    b, h, w = grid.shape
+    a_h = grid_blur_operator(int(h), float(sigma))
+    a_w = grid_blur_operator(int(w), float(sigma))
+    blurred = a_h @ grid.astype(np.float64) @ a_w.T  # (h, h) @ (B, h, w) @ (w, w) -> (B, h, w)
+    peak = blurred.reshape(b, -1).max(axis=1)
+    return (weight * single.astype(np.float64) + (1.0 - weight) * peak).astype(np.float32)
 
 
 def gaussian_kernel(sigma: float) -> torch.Tensor:

@@ -17,6 +17,9 @@ def test_unknown_key_is_an_error_naming_it():
         (FeatureConfig, {"image_size": 8}, "features.image_size"),
         (ScoringConfig, {"index": "hnsw"}, "scoring.index"),
         (ScoringConfig, {"num_neighbors": 0}, "scoring.num_neighbors"),
+        (ScoringConfig, {"image_score": "mean"}, "scoring.image_score"),
+        (ScoringConfig, {"image_sigma": 0}, "scoring.image_sigma"),
+        (ScoringConfig, {"image_weight": 1.5}, "scoring.image_weight"),
     ],
 )
 def test_invalid_values_name_the_field(cls, values, field):

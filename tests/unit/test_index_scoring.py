@@ -5,7 +5,13 @@ import pytest
 import torch
 
 from pipeline.patchcore.index import NNIndex
-from pipeline.patchcore.scoring import anomaly_maps, gaussian_kernel, reweighted_image_scores
+from pipeline.patchcore.scoring import (
+    anomaly_maps,
+    gaussian_kernel,
+    grid_blur_operator,
+    reweighted_image_scores,
+    smoothed_image_scores,
+)
 
 
 def _bank(m=300, d=24, seed=0):
@@ -80,6 +86,51 @@ def test_eq7_large_distances_do_not_overflow():
         np.array([[[900.0]]], np.float32), np.array([[900.0]], np.float32), np.array([[0]]), bank, index, 3
     )[0]
     assert np.isfinite(score) and 0 < score <= 900.0
+
+
+def test_smoothed_image_score_worked_case():
+    # sigma 0.5 has radius 2 on a 3-cell axis: taps w2 w1 w0 w1 w2 = exp(-8), exp(-2), 1, ... over
+    # their sum. Reflect padding folds index -1 onto 1, -2 onto 2, 3 onto 1 and 4 onto 0, so
+    # row 0 of the axis operator is [w0, 2 w1, 2 w2], row 1 [w1, w0 + 2 w2, w1].
+    e = np.array([math.exp(-8.0), math.exp(-2.0), 1.0])
+    w2, w1, w0 = e / (2 * e[0] + 2 * e[1] + e[2])
+    rows = np.array([[w0, 2 * w1, 2 * w2], [w1, w0 + 2 * w2, w1], [2 * w2, 2 * w1, w0]])
+    np.testing.assert_allclose(grid_blur_operator(3, 0.5), rows, rtol=1e-6)
+    # One patch of 9 at a corner: after the blur its value is 9 w0^2 (largest at that corner).
+    grid = np.zeros((1, 3, 3), np.float32)
+    grid[0, 0, 0] = 9.0
+    single = np.array([8.0], np.float32)  # the Eq. 7 score of that patch
+    got = smoothed_image_scores(grid, single, sigma=0.5, weight=0.3)[0]
+    assert got == pytest.approx(0.3 * 8.0 + 0.7 * 9.0 * w0**2, rel=1e-6)
+    assert smoothed_image_scores(grid, single, sigma=0.5, weight=1.0)[0] == pytest.approx(8.0)
+
+
+@pytest.mark.parametrize(("h", "w", "sigma"), [(28, 28, 4.0), (40, 40, 6.0), (20, 28, 2.5)])
+def test_grid_blur_equals_reflect_padded_convolution(h, w, sigma):
+    grid = np.random.default_rng(1).gamma(2.0, 5.0, size=(4, h, w)).astype(np.float32)
+    kernel = gaussian_kernel(sigma)
+    r = len(kernel) // 2
+    t = torch.nn.functional.pad(torch.from_numpy(grid)[:, None], (r, r, r, r), mode="reflect")
+    t = torch.nn.functional.conv2d(t, kernel.view(1, 1, 1, -1))
+    ref = torch.nn.functional.conv2d(t, kernel.view(1, 1, -1, 1))[:, 0].numpy()
+    got = smoothed_image_scores(grid, np.zeros(4, np.float32), sigma, weight=0.0)
+    np.testing.assert_allclose(got, ref.reshape(4, -1).max(axis=1), rtol=1e-5)
+
+
+def test_smoothed_score_ranks_a_defect_region_above_one_stray_patch():
+    # Same largest patch score in both images: a stray patch in one, a 3x3 region in the other.
+    # Eq. 7 on its own cannot tell them apart; the smoothed score ranks the region higher.
+    stray = np.full((28, 28), 1.0, np.float32)
+    stray[14, 14] = 5.0
+    region = np.full((28, 28), 1.0, np.float32)
+    region[13:16, 13:16] = 5.0
+    scores = smoothed_image_scores(np.stack([stray, region]), np.array([5.0, 5.0], np.float32), 4.0, 0.3)
+    k = gaussian_kernel(4.0).double().numpy()  # 33 taps; the far edges stay inside the 28-cell grid
+    centre, three = k[16], k[15:18].sum()  # weight of one cell and of three cells on the centre
+    assert scores[0] == pytest.approx(0.3 * 5 + 0.7 * (1 + 4 * centre**2), rel=1e-5)
+    assert scores[1] == pytest.approx(0.3 * 5 + 0.7 * (1 + 4 * three**2), rel=1e-5)
+    # a radius longer than the grid still folds back into it (weights of every row sum to 1)
+    np.testing.assert_allclose(grid_blur_operator(5, 4.0).sum(axis=1), 1.0, rtol=1e-6)
 
 
 def test_gaussian_kernel_normalised_and_symmetric():
