@@ -1,6 +1,7 @@
 """Accuracy and speed benchmark: fit and evaluate MTD and ELPV mono/poly with the defaults.
 
     python -m benchmarks.accuracy                       # all datasets, default settings
+    python -m benchmarks.accuracy --preset accurate     # the same with `tracebank fit --preset accurate`
     python -m benchmarks.accuracy --data elpv:mono --size 320 --resize letterbox
     python -m benchmarks.accuracy --coreset --cache /tmp/mtd_feats   # naive vs fast coreset on MTD
 
@@ -43,7 +44,7 @@ def run_one(spec: str, args: argparse.Namespace) -> dict[str, Any]:
 
     import torch
 
-    from pipeline.config import CoresetConfig, ScoringConfig
+    from pipeline.config import CoresetConfig
     from pipeline.data.datasets import load_images, open_dataset
     from pipeline.evaluation.evaluate import evaluate
     from pipeline.lifecycle.fitting import fit_bank
@@ -52,7 +53,7 @@ def run_one(spec: str, args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     features = _feature_config(args)
     coreset = CoresetConfig(ratio=args.ratio)
-    scoring = ScoringConfig(num_neighbors=args.neighbors)
+    scoring = _scoring_config(args)
     with tempfile.TemporaryDirectory() as tmp:
         fitted = fit_bank(spec, Path(tmp) / "bank", features, coreset, scoring, evaluate_after=False)
         model, _ = load_bank(Path(tmp) / "bank")
@@ -81,7 +82,8 @@ def run_one(spec: str, args: argparse.Namespace) -> dict[str, Any]:
         "evaluate_s": eval_s,
         "predict_ips": predict_ips,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-        "settings": {"size": args.size, "resize": args.resize, "levels": list(args.levels),
+        "settings": {"preset": args.preset, "size": features.image_size, "sigma": scoring.sigma,
+                     "image_score": scoring.image_score, "resize": args.resize, "levels": list(args.levels),
                      "ratio": args.ratio, "backbone": args.backbone, "neighbors": args.neighbors},
     }
 
@@ -155,12 +157,21 @@ def coreset_comparison(spec: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _feature_config(args: argparse.Namespace) -> Any:
+    from pipeline.cli_args import preset_value
     from pipeline.config import FeatureConfig
 
     return FeatureConfig(
-        backbone=args.backbone, image_size=args.size, resize=args.resize, levels=tuple(args.levels),
+        backbone=args.backbone, image_size=preset_value(args, "features", "image_size", args.size),
+        resize=args.resize, levels=tuple(args.levels),
         normalization="tf" if args.backbone.startswith("tf_") else "imagenet",
     )
+
+
+def _scoring_config(args: argparse.Namespace) -> Any:
+    from pipeline.cli_args import preset_value
+    from pipeline.config import ScoringConfig
+
+    return ScoringConfig(num_neighbors=args.neighbors, sigma=preset_value(args, "scoring", "sigma", args.sigma))
 
 
 def _cached_features(samples: list[Any], config: Any, directory: Path) -> tuple[Any, float | None]:
@@ -183,7 +194,7 @@ def _cached_features(samples: list[Any], config: Any, directory: Path) -> tuple[
 def _evaluate_banks(rows: list[dict[str, Any]], dataset: Any, config: Any, args: argparse.Namespace) -> None:
     """Image AUROC, pixel AUROC and PRO of each row's bank (a bank equal to an earlier one
     reuses its figures)."""
-    from pipeline.config import CoresetConfig, ScoringConfig
+    from pipeline.config import CoresetConfig
     from pipeline.evaluation.evaluate import evaluate
     from pipeline.patchcore.features import FeatureExtractor
     from pipeline.patchcore.model import PatchCore
@@ -193,8 +204,7 @@ def _evaluate_banks(rows: list[dict[str, Any]], dataset: Any, config: Any, args:
     for row in rows:
         same = next((d for d in done if np.array_equal(d["bank"], row["bank"])), None)
         if same is None:
-            model = PatchCore(config, CoresetConfig(ratio=args.ratio), ScoringConfig(num_neighbors=args.neighbors),
-                              extractor=extractor)
+            model = PatchCore(config, CoresetConfig(ratio=args.ratio), _scoring_config(args), extractor=extractor)
             model.set_bank(row["bank"])
             metrics = evaluate(model, dataset.test, batch_size=16, keep_maps=False).metrics
             same = {"bank": row["bank"], **{k: metrics[k] for k in ("image_auroc", "pixel_auroc", "pro")}}
@@ -226,10 +236,15 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipeline.config import PRESETS
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", action="append", help="dataset spec (repeatable)")
     parser.add_argument("--backbone", default="tf_efficientnet_lite0")
-    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--preset", default="default", choices=list(PRESETS),
+                        help="named settings of `tracebank fit --preset`")
+    parser.add_argument("--size", type=int, help="input side (default: the preset's, else the library's)")
+    parser.add_argument("--sigma", type=float, help="map Gaussian, pixels (default: the preset's, else the library's)")
     parser.add_argument("--resize", default="squash", choices=["squash", "letterbox"])
     parser.add_argument("--levels", type=int, nargs="+", default=[2, 3])
     parser.add_argument("--ratio", type=float, default=0.01)

@@ -30,7 +30,7 @@ from pipeline.lifecycle.fitting import Progress, extend_bank, fit_bank
 from pipeline.lifecycle.registry import RegistryError
 from pipeline.patchcore.bank import BankError, load_bank
 
-from .cli_args import build_parser
+from .cli_args import build_parser, preset_value
 from .config import ConfigError, CoresetConfig, FeatureConfig, ScoringConfig, from_mapping
 
 #: Exit status for errors in what the user asked (not bugs).
@@ -63,7 +63,7 @@ def _feature_config(args: argparse.Namespace) -> FeatureConfig:
         "backbone": args.backbone,
         "weights": args.weights,
         "levels": tuple(int(v) for v in args.levels.split(",")),
-        "image_size": args.size,
+        "image_size": preset_value(args, "features", "image_size", args.size),
         "resize": args.resize,
         "normalization": args.normalization,
         "padding": args.padding,
@@ -86,7 +86,8 @@ def _fit(args: argparse.Namespace) -> dict[str, Any]:
         _feature_config(args),
         from_mapping(CoresetConfig, "command line", {"ratio": args.ratio, "seed": args.seed}),
         from_mapping(ScoringConfig, "command line", {"num_neighbors": args.neighbors, "index": args.index,
-                                                     "image_score": args.image_score, "sigma": args.sigma}),
+                                                     "image_score": args.image_score,
+                                                     "sigma": preset_value(args, "scoring", "sigma", args.sigma)}),
         batch_size=args.batch_size,
         progress=_progress(args.quiet or args.json),
         evaluate_after=not args.no_evaluate,

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
-from .config import IMAGE_SCORES, PADDINGS, CoresetConfig, FeatureConfig, ScoringConfig
+from .config import IMAGE_SCORES, PADDINGS, PRESETS, CoresetConfig, FeatureConfig, ScoringConfig
 
 
 def build_parser(description: str = "") -> argparse.ArgumentParser:
@@ -24,7 +25,10 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     fit.add_argument("--backbone", default=defaults.backbone)
     fit.add_argument("--weights", default=defaults.weights, help="default | hub | PATH.pth | PATH.safetensors")
     fit.add_argument("--levels", default=",".join(map(str, defaults.levels)))
-    fit.add_argument("--size", type=int, default=defaults.image_size)
+    fit.add_argument("--preset", default="default", choices=list(PRESETS),
+                     help="named settings (accurate: 288 px and a wider map Gaussian, for localisation); "
+                          "an explicit --size or --sigma still wins")
+    fit.add_argument("--size", type=int, help=f"input side in pixels (default {defaults.image_size}, or the preset's)")
     fit.add_argument("--resize", default=defaults.resize, choices=["squash", "letterbox"])
     fit.add_argument("--normalization", default=defaults.normalization, choices=["tf", "imagenet"])
     fit.add_argument("--extend", metavar="PARENT",
@@ -40,8 +44,9 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     fit.add_argument("--image-score", default=ScoringConfig().image_score, choices=list(IMAGE_SCORES),
                      help="eq7: the paper's single worst patch; smoothed: mixed with the largest value of "
                           "the patch-score grid after a Gaussian (the default)")
-    fit.add_argument("--sigma", type=float, default=ScoringConfig().sigma,
-                     help="Gaussian smoothing of the anomaly map, in input pixels")
+    fit.add_argument("--sigma", type=float,
+                     help=f"Gaussian smoothing of the anomaly map, in input pixels (default {ScoringConfig().sigma:g}, "
+                          "or the preset's)")
     fit.add_argument("--index", default="flat", choices=["flat", "ivfpq"])
     fit.add_argument("--limit", type=int, help="use only the first N training / N test images")
     fit.add_argument("--no-evaluate", action="store_true", help="skip evaluation (no threshold)")
@@ -103,3 +108,11 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     au.add_argument("--registry", default="banks")
     au.add_argument("--json", action="store_true", help="one JSON object per decision (JSON lines)")
     return parser
+
+
+def preset_value(args: argparse.Namespace, section: str, key: str, given: Any) -> Any:
+    """``given`` when the command line set it, else ``--preset``'s value, else the default."""
+    if given is not None:
+        return given
+    fallback = {"features": FeatureConfig(), "scoring": ScoringConfig()}[section]
+    return PRESETS[args.preset].get(section, {}).get(key, getattr(fallback, key))

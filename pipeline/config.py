@@ -25,6 +25,15 @@ PADDINGS = ("zeros", "exclude", "replicate", "reflect")
 #: Image scores from the patch scores (``ScoringConfig.image_score``).
 IMAGE_SCORES = ("eq7", "smoothed")
 
+#: Named settings over the defaults, by section (``tracebank fit --preset``). ``accurate``
+#: trades speed for localisation: 288 px inputs (1.65x the patches and the bank of 224 px)
+#: and a wider map Gaussian; on MTD it lifts pixel AUROC and PRO over 0.83 and 0.75 where the
+#: default stays near 0.82 and 0.72 (BENCHMARKS.md, issue 15).
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "default": {},
+    "accurate": {"features": {"image_size": 288}, "scoring": {"sigma": 14.0}},
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class FeatureConfig:

@@ -31,3 +31,18 @@ def test_round_trip_through_dict():
     cfg = FeatureConfig(levels=(1, 2), image_size=256, resize="letterbox")
     assert from_mapping(FeatureConfig, "x", to_dict(cfg)) == cfg
     assert to_dict(cfg)["levels"] == [1, 2]
+
+
+def test_fit_preset_sets_size_and_sigma_and_explicit_flags_win():
+    from pipeline.cli_args import build_parser, preset_value
+
+    def resolved(*argv):
+        args = build_parser().parse_args(["fit", "--data", "folder:x", "--out", "b", *argv])
+        return (preset_value(args, "features", "image_size", args.size),
+                preset_value(args, "scoring", "sigma", args.sigma))
+
+    assert resolved() == (FeatureConfig().image_size, ScoringConfig().sigma) == (224, 4.0)
+    assert resolved("--preset", "accurate") == (288, 14.0)
+    assert resolved("--preset", "accurate", "--size", "320", "--sigma", "16") == (320, 16.0)
+    with pytest.raises(SystemExit):
+        resolved("--preset", "fastest")
