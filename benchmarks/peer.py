@@ -1,6 +1,6 @@
 """Peer benchmark: tracebank against anomalib's PatchCore on the MTD split, one protocol.
 
-    python -m benchmarks.peer [--train-limit N] [--out DIR]
+    python -m benchmarks.peer [--train-limit N] [--out DIR] [--preset accurate]
 
 Both systems get the same images (a temporary MTD tree: symlinks plus a ``split.json`` whose
 training list is the first N of the sorted list), the same offline weights (timm
@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from pipeline.config import PRESETS
 
 from .peer_env import default_venv, ensure_peer_venv, log
 
@@ -154,12 +156,11 @@ def tracebank_predict_time(bank: Path, tree: Path, batch_size: int) -> tuple[flo
     return time.perf_counter() - start, time.process_time() - cpu
 
 
-def run_tracebank(tree: Path, work: Path) -> dict[str, Any]:
+def run_tracebank(tree: Path, work: Path, s: dict[str, Any]) -> dict[str, Any]:
     bank = work / "tracebank-bank"
     spec = f"mtd:{tree}"
-    s = SETTINGS
     fit, fit_wall = _cli([
-        "fit", "--data", spec, "--out", str(bank), "--json", "--no-evaluate",
+        "fit", "--data", spec, "--out", str(bank), "--json", "--no-evaluate", "--preset", s["preset"],
         "--backbone", s["backbone"], "--weights", "default",
         "--levels", ",".join(map(str, s["timm_levels"])), "--size", str(s["image_size"]),
         "--resize", "squash", "--normalization", "tf", "--ratio", str(s["coreset_ratio"]),
@@ -196,9 +197,8 @@ def run_tracebank(tree: Path, work: Path) -> dict[str, Any]:
 # anomalib side
 
 
-def run_anomalib(python: Path, tree: Path, work: Path) -> dict[str, Any]:
+def run_anomalib(python: Path, tree: Path, work: Path, s: dict[str, Any]) -> dict[str, Any]:
     raw = work / "anomalib-raw"
-    s = SETTINGS
     cmd = [str(python), str(SIDE_SCRIPT), "--root", str(tree), "--out", str(raw),
            "--backbone", s["backbone"], "--layers", ",".join(s["layers"]), "--size", str(s["image_size"]),
            "--ratio", str(s["coreset_ratio"]), "--neighbors", str(s["num_neighbors"]),
@@ -292,7 +292,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="anomalib environment (default $TRACEBANK_CACHE/peer-venv, else .peer-venv)")
     parser.add_argument("--setup-only", action="store_true", help="build the anomalib environment and stop")
     parser.add_argument("--only", choices=["tracebank", "anomalib"], help="development: run one system")
+    parser.add_argument("--preset", default="default", choices=list(PRESETS),
+                        help="tracebank's `fit --preset`; anomalib gets the same input size")
     args = parser.parse_args(argv)
+    size = PRESETS[args.preset].get("features", {}).get("image_size", SETTINGS["image_size"])
+    settings = SETTINGS | {"preset": args.preset, "image_size": size}
 
     started = dt.datetime.now().astimezone()
     load_before = machine()["load_avg_1_5_15"]
@@ -315,9 +319,9 @@ def main(argv: list[str] | None = None) -> int:
         sizes = make_tree(data, tree, args.train_limit, args.test_limit)
         log(f"MTD tree {tree}: {sizes}")
         if args.only in (None, "tracebank"):
-            rows.append(run_tracebank(tree, work))
+            rows.append(run_tracebank(tree, work, settings))
         if args.only in (None, "anomalib"):
-            rows.append(run_anomalib(python, tree, work))
+            rows.append(run_anomalib(python, tree, work, settings))
     digest = backbone_digest()
     for row in rows:
         if "weights" in row:
@@ -329,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": started.isoformat(timespec="seconds"),
         "duration_s": round((finished - started).total_seconds(), 1),
         "command": " ".join(["python -m benchmarks.peer", *(argv if argv is not None else sys.argv[1:])]),
-        "settings": SETTINGS,
+        "settings": settings,
         "data": str(data),
         "split": sizes | {"train_limit": args.train_limit, "test_limit": args.test_limit},
         "machine": machine() | {"load_avg_at_start": load_before},
@@ -346,9 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     (out / "peer.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
     print(f"tracebank vs anomalib PatchCore on MTD - {started:%Y-%m-%d %H:%M %Z}")
-    print(f"settings: {SETTINGS['backbone']} [{'+'.join(SETTINGS['layers'])}], {SETTINGS['image_size']} px squash, "
-          f"(x-127)/128, coreset {SETTINGS['coreset_ratio']}, {SETTINGS['num_neighbors']} neighbours, "
-          f"batch {SETTINGS['batch_size']}, {SETTINGS['device']}")
+    print(f"settings: {settings['backbone']} [{'+'.join(settings['layers'])}], {settings['image_size']} px squash, "
+          f"(x-127)/128, coreset {settings['coreset_ratio']}, {settings['num_neighbors']} neighbours, "
+          f"batch {settings['batch_size']}, {settings['device']}; tracebank --preset {settings['preset']}")
     print(f"train {sizes['n_train']} of {sizes['n_train_full']} (sorted, first N); test "
           f"{sizes['n_test_good']} good + {sizes['n_test_defect']} defective"
           + ("  [DEVELOPMENT --test-limit]" if args.test_limit else ""))
