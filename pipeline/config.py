@@ -129,7 +129,8 @@ class ScoringConfig:
     Attributes:
         num_neighbors: b of the paper's Eq. 7 reweighting (bank neighbours of m*).
         index: ``"flat"`` (exact L2) or ``"ivfpq"`` (approximate, for very large banks).
-        sigma: Gaussian smoothing of the anomaly map, in input pixels.
+        sigma: Gaussian smoothing of the anomaly map, in input pixels (12 at 224 px is 1.5
+            patch-grid cells of 8 px).
         image_score: ``"eq7"``: the paper's Eq. 7, the reweighted score of the single worst
             patch; ``"smoothed"``: ``image_weight`` x Eq. 7 + (1 - ``image_weight``) x the
             largest value of the patch-score grid after a Gaussian of ``image_sigma`` grid
@@ -140,7 +141,7 @@ class ScoringConfig:
 
     num_neighbors: int = 9
     index: str = "flat"
-    sigma: float = 4.0
+    sigma: float = 12.0
     image_score: str = "smoothed"
     image_sigma: float = 4.0
     image_weight: float = 0.3
