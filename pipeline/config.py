@@ -20,7 +20,7 @@ class ConfigError(ValueError):
 
 
 #: Border treatments of the local neighbourhood average (``FeatureConfig.padding``).
-PADDINGS = ("zeros", "exclude", "replicate", "reflect")
+PADDINGS = ("zeros", "sqrt", "exclude", "replicate", "reflect")
 
 #: Image scores from the patch scores (``ScoringConfig.image_score``).
 IMAGE_SCORES = ("eq7", "smoothed")
@@ -49,13 +49,16 @@ class FeatureConfig:
             edge replication, crop the map back).
         normalization: ``"tf"`` ((x - 127) / 128, for TensorFlow ports) or ``"imagenet"``.
         neighbourhood: side of the local average pooling window (the paper's p = 3).
-        padding: what that window averages at the border of a feature map: ``"zeros"``
-            (zero padding counted in the average, as the reference implementation's
-            zero-padded unfold and ``torch.nn.AvgPool2d(3, 1, 1)`` do; the outer ring of patch
-            features shrinks by up to 5/9, see BENCHMARKS.md for why that helps),
-            ``"exclude"`` (the mean of the positions inside the map; banks fitted before this
-            setting existed were made with it and load with it), ``"replicate"`` or
-            ``"reflect"`` (the map is padded by edge replication or reflection first).
+        padding: what that window averages at the border of a feature map: ``"sqrt"`` (the
+            default: the mean of the ``n`` positions inside the map times ``sqrt(n / 9)``, so
+            the outer ring of patch features shrinks by up to 1/3), ``"zeros"`` (zero padding
+            counted in the average, as the reference implementation's zero-padded unfold and
+            ``torch.nn.AvgPool2d(3, 1, 1)`` do: a shrink of up to 5/9), ``"exclude"`` (the mean
+            of the positions inside the map, no shrink; banks fitted before this setting
+            existed were made with it and load with it), ``"replicate"`` or ``"reflect"`` (the
+            map is padded by edge replication or reflection first). Shrinking the border
+            keeps its noisier features from deciding image scores; shrinking it fully mutes
+            defects at the edge of the part. BENCHMARKS.md has the ablation.
         proj_dim: optional random projection of the concatenated features (None keeps all).
         device: ``"cpu"`` or ``"cuda"``.
         runtime: ``"torch"`` (eager PyTorch) or ``"onnx"`` (the same computation exported to
@@ -69,7 +72,7 @@ class FeatureConfig:
     resize: str = "squash"
     normalization: str = "tf"
     neighbourhood: int = 3
-    padding: str = "zeros"
+    padding: str = "sqrt"
     proj_dim: int | None = None
     device: str = "cpu"
     runtime: str = "torch"
@@ -129,7 +132,7 @@ class ScoringConfig:
     Attributes:
         num_neighbors: b of the paper's Eq. 7 reweighting (bank neighbours of m*).
         index: ``"flat"`` (exact L2) or ``"ivfpq"`` (approximate, for very large banks).
-        sigma: Gaussian smoothing of the anomaly map, in input pixels (12 at 224 px is 1.5
+        sigma: Gaussian smoothing of the anomaly map, in input pixels (10 at 224 px is 1.25
             patch-grid cells of 8 px).
         image_score: ``"eq7"``: the paper's Eq. 7, the reweighted score of the single worst
             patch; ``"smoothed"``: ``image_weight`` x Eq. 7 + (1 - ``image_weight``) x the
@@ -141,7 +144,7 @@ class ScoringConfig:
 
     num_neighbors: int = 9
     index: str = "flat"
-    sigma: float = 12.0
+    sigma: float = 10.0
     image_score: str = "smoothed"
     image_sigma: float = 4.0
     image_weight: float = 0.3

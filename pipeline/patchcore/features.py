@@ -145,12 +145,19 @@ def local_average(maps: torch.Tensor, k: int, padding: str) -> torch.Tensor:
         k: odd window side.
         padding: ``"zeros"``: positions outside the map count as zeros (a corner of a 3x3
             window averages 4 values over 9); ``"exclude"``: only positions inside the map
-            are averaged (a corner averages 4 over 4); ``"replicate"``/``"reflect"``: the map
-            is padded by edge replication or reflection, then averaged over 9.
+            are averaged (a corner averages 4 over 4); ``"sqrt"``: between the two, the mean
+            of the in-map values times ``sqrt(n / k^2)`` for ``n`` of them (a corner's mean of
+            4 times 2/3, an edge's of 6 times sqrt(6/9)); ``"replicate"``/``"reflect"``: the
+            map is padded by edge replication or reflection, then averaged over 9.
     """
     if k == 1:
         return maps
     p = k // 2
+    if padding == "sqrt":  # (sum / k^2) / sqrt(n / k^2) = (sum / n) * sqrt(n / k^2)
+        counted = F.avg_pool2d(maps, kernel_size=k, stride=1, padding=p, count_include_pad=True)
+        share = F.avg_pool2d(torch.ones_like(maps[:1, :1]), kernel_size=k, stride=1, padding=p,
+                             count_include_pad=True)  # n / k^2 at every position
+        return counted / share.sqrt()
     if padding in ("replicate", "reflect"):
         return F.avg_pool2d(F.pad(maps, (p, p, p, p), mode=padding), kernel_size=k, stride=1)
     return F.avg_pool2d(maps, kernel_size=k, stride=1, padding=p, count_include_pad=padding == "zeros")

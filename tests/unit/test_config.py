@@ -41,7 +41,7 @@ def test_fit_preset_sets_size_and_sigma_and_explicit_flags_win():
         return (preset_value(args, "features", "image_size", args.size),
                 preset_value(args, "scoring", "sigma", args.sigma))
 
-    assert resolved() == (FeatureConfig().image_size, ScoringConfig().sigma) == (224, 12.0)
+    assert resolved() == (FeatureConfig().image_size, ScoringConfig().sigma) == (224, 10.0)
     assert resolved("--preset", "accurate") == (288, 14.0)
     assert resolved("--preset", "accurate", "--size", "320", "--sigma", "16") == (320, 16.0)
     with pytest.raises(SystemExit):

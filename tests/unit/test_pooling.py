@@ -21,6 +21,9 @@ HAND_WORKED = {
     # padding excluded: the mean of the in-map values only
     "exclude": {(0, 0): (1 + 2 + 5 + 6) / 4, (0, 1): (1 + 2 + 3 + 5 + 6 + 7) / 6,
                 (1, 1): 54 / 9, (2, 2): 99 / 9},
+    # between the two: the in-map mean times sqrt(n / 9), n in-map values (corner 4, edge 6)
+    "sqrt": {(0, 0): (1 + 2 + 5 + 6) / 4 * (2 / 3), (0, 1): (1 + 2 + 3 + 5 + 6 + 7) / 6 * (6 / 9) ** 0.5,
+             (1, 1): 54 / 9, (2, 2): 99 / 9},
     # edge replication: the corner's window is [[1,1,2],[1,1,2],[5,5,6]]
     "replicate": {(0, 0): (1 + 1 + 2 + 1 + 1 + 2 + 5 + 5 + 6) / 9, (0, 1): (1 + 2 + 3) * 2 / 9 + (5 + 6 + 7) / 9,
                   (1, 1): 54 / 9, (2, 2): 99 / 9},
@@ -38,13 +41,26 @@ def test_corner_edge_and_interior_match_the_hand_worked_values(padding):
         assert out[0, 0, row, col].item() == pytest.approx(expected, rel=1e-6), (padding, row, col)
 
 
-def test_the_default_shrinks_the_border_as_the_reference_avgpool_does():
-    """tracebank's default equals torch.nn.AvgPool2d(3, 1, 1), anomalib's and the paper code's."""
+def test_the_default_shrinks_the_border_by_the_square_root_of_the_in_map_share():
+    """The default scales a border mean by sqrt(n / 9): 2/3 at a corner, sqrt(2/3) on an edge."""
     from pipeline.config import FeatureConfig
 
+    ones = local_average(torch.ones(1, 1, 4, 4), 3, FeatureConfig().padding)[0, 0]
+    assert ones[0, 0].item() == pytest.approx(2 / 3) and ones[0, 1].item() == pytest.approx((2 / 3) ** 0.5)
+    assert ones[1, 1].item() == pytest.approx(1.0)
+
+
+def test_sqrt_is_the_geometric_mean_of_counted_and_excluded_padding():
+    maps = torch.rand(2, 5, 7, 9) + 0.1
+    counted, excluded = local_average(maps, 3, "zeros"), local_average(maps, 3, "exclude")
+    assert torch.allclose(local_average(maps, 3, "sqrt"), (counted * excluded).sqrt(), rtol=1e-5)
+
+
+def test_zeros_is_the_reference_avgpool():
+    """``zeros`` equals torch.nn.AvgPool2d(3, 1, 1), anomalib's and the paper code's pooling."""
     maps = torch.randn(2, 5, 7, 9)
     reference = torch.nn.AvgPool2d(3, 1, 1)(maps)
-    assert torch.allclose(local_average(maps, 3, FeatureConfig().padding), reference, atol=1e-6)
+    assert torch.allclose(local_average(maps, 3, "zeros"), reference, atol=1e-6)
     ones = local_average(torch.ones(1, 1, 4, 4), 3, "zeros")[0, 0]
     assert ones[0, 0].item() == pytest.approx(4 / 9) and ones[0, 1].item() == pytest.approx(6 / 9)
     assert ones[1, 1].item() == pytest.approx(1.0)
