@@ -105,3 +105,33 @@ def test_bank_id_ignores_paths_times_and_device_but_not_content(small_mtd_model,
     other_ratio["params"]["coreset"]["ratio"] = 0.5
     ids = {bank_id_of(m) for m in (other_image, other_weights, other_ratio)}
     assert len(ids) == 3 and first["bank_id"] not in ids
+
+
+def test_banks_from_before_the_image_score_setting_score_with_eq7_as_when_fitted(small_mtd_model, mtd_dataset,
+                                                                                  tmp_path):
+    """A bank written before ``scoring.image_score`` existed keeps scoring with the paper's Eq. 7."""
+    from pipeline.data.datasets import load_images
+    from pipeline.patchcore.bank import bank_id_of
+    from pipeline.patchcore.scoring import reweighted_image_scores
+
+    save_bank(tmp_path / "old", small_mtd_model, training={"spec": "t", "files": []})
+    manifest_path = tmp_path / "old" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    for key in ("image_score", "image_sigma", "image_weight"):  # as written before the setting existed
+        del manifest["params"]["scoring"][key]
+    manifest["format"] = "tracebank-bank/1"
+    manifest["bank_id"] = bank_id_of(manifest)
+    manifest_path.write_text(json.dumps(manifest))
+    model, _ = load_bank(tmp_path / "old")
+    assert model.scoring.image_score == "eq7"
+
+    images = [img for _, img, _ in load_images(mtd_dataset.test[:6])]
+    feats, _ = model.extractor(images)
+    b, h, w, d = feats.shape
+    queries = feats.reshape(b, h * w, d).numpy()
+    dist, near = model.index_.search(queries.reshape(-1, d), 1)
+    eq7 = reweighted_image_scores(queries, np.sqrt(dist[:, 0]).reshape(b, h * w), near[:, 0].reshape(b, h * w),
+                                  model.memory_bank_, model.index_, model.scoring.num_neighbors)
+    old_scores = model.predict(images, maps=False).scores
+    np.testing.assert_allclose(old_scores, eq7, rtol=1e-5)
+    assert not np.allclose(old_scores, small_mtd_model.predict(images, maps=False).scores, rtol=1e-3)
