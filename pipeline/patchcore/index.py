@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from pathlib import Path
 
 import faiss
@@ -199,6 +200,7 @@ class Top1Search:
         self.k = 0
         self.kept = 0
         self.blocks = 0
+        self._stats_lock = threading.Lock()
         if m < _PRUNE_MIN_BANK or dim < 2 * _PRUNE_STEP:
             return
         centre = self.bank.mean(axis=0, dtype=np.float64)
@@ -238,6 +240,7 @@ class Top1Search:
         keep = np.empty((rows, m), dtype=bool)
         dist = np.empty(n, dtype=np.float32)
         idx = np.empty(n, dtype=np.int64)
+        kept = 0
         for start in range(0, n, rows):
             stop = min(n, start + rows)
             r = stop - start
@@ -257,7 +260,9 @@ class Top1Search:
             best = part.argmin(axis=1)
             idx[start:stop] = cols[best]
             dist[start:stop] = part[np.arange(r), best]
-            self.kept += len(cols)
-            self.blocks += 1
+            kept += len(cols)
+        with self._stats_lock:  # callers may search from several threads
+            self.kept += kept
+            self.blocks += -(-n // rows)
         dist += norm
         return np.maximum(dist, 0.0)[:, None], idx[:, None]

@@ -18,6 +18,7 @@ from pipeline.config import CoresetConfig, FeatureConfig, ScoringConfig
 from .coreset import greedy_coreset
 from .features import FeatureExtractor, Placement
 from .index import NNIndex
+from .parallel import map_in_threads, single_threaded_blas, split, worker_count
 from .scoring import anomaly_maps, reweighted_image_scores, smoothed_image_scores, to_original
 
 
@@ -129,10 +130,31 @@ class PatchCore:
         return scores, torch.from_numpy(grid)
 
     def predict(self, images: Sequence[np.ndarray], *, maps: bool = True) -> Prediction:
-        """Score a batch of images; anomaly maps at each image's original size."""
+        """Score a batch of images; anomaly maps at each image's original size.
+
+        With the ONNX runtime a batch of several images is split between the CPU cores
+        (as many parts as ``torch.get_num_threads()`` allows): each part runs every stage
+        in its own thread with single-threaded kernels (:mod:`.parallel`). Results are those
+        of scoring the images one at a time, to float rounding.
+        """
         self._check_fitted()
-        feats, placements = self.extractor(images)
-        scores, grid = self.score_features(feats)
+        images = list(images)
+        onnx = self.extractor.onnx
+        parts = worker_count(len(images), torch.get_num_threads())
+        if onnx is None or parts == 1:
+            return self._predict(images, maps, self.extractor.embed)
+        embed = onnx.single_threaded()
+        with single_threaded_blas():
+            results = map_in_threads(lambda part: self._predict(images[part], maps, embed), split(len(images), parts))
+        return Prediction(
+            scores=np.concatenate([r.scores for r in results]), maps=[m for r in results for m in r.maps]
+        )
+
+    def _predict(
+        self, images: Sequence[np.ndarray], maps: bool, embed: Callable[[torch.Tensor], torch.Tensor]
+    ) -> Prediction:
+        pixels, placements = self.extractor.prepare_batch(images)
+        scores, grid = self.score_features(embed(pixels))
         return Prediction(scores=scores, maps=self._maps(grid, placements) if maps else [])
 
     def _maps(self, grid: torch.Tensor, placements: list[Placement]) -> list[np.ndarray]:

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -257,6 +258,19 @@ class OnnxEmbedding:
         self.image_size = image_size
         self.model = model
         self._input = session.get_inputs()[0].name
+        self._single: OnnxEmbedding | None = None
+        self._single_lock = threading.Lock()
+
+    def single_threaded(self) -> OnnxEmbedding:
+        """The same model on a session with one intra-op thread, which runs on its caller's
+        thread: for worker threads that each embed part of a batch (built on first use).
+        Without the model's bytes (a session handed in directly) this embedding itself."""
+        if self.model is None:
+            return self
+        with self._single_lock:
+            if self._single is None:
+                self._single = OnnxEmbedding(make_session(self.model.data, 1), self.image_size, self.model)
+            return self._single
 
     @classmethod
     def from_module(

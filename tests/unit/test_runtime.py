@@ -152,3 +152,59 @@ def test_cache_key_follows_the_source_of_the_graph(tmp_path, monkeypatch):
     assert "kernel_size=k" in text
     features.write_text(text.replace("kernel_size=k", "kernel_size=k + 2", 1))
     assert cache_key(export_settings(FeatureConfig(), "a" * 64)) != cache_key(base)
+
+
+@pytest.fixture(scope="module")
+def onnx_model(small_mtd_model, onnx_extractor):
+    """The 150-tile MTD bank behind the ONNX runtime."""
+    model = PatchCore(onnx_extractor.config, small_mtd_model.coreset, small_mtd_model.scoring, extractor=onnx_extractor)
+    model.set_bank(small_mtd_model.memory_bank_, small_mtd_model.index_)
+    return model
+
+
+def blas_threads() -> list[int]:
+    from threadpoolctl import threadpool_info
+
+    return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+
+def test_a_batch_split_between_cores_scores_as_images_one_at_a_time(onnx_model, mtd_tiles):
+    """predict splits a batch between worker threads (5 tiles: parts of 3 and 2 on 2 cores);
+    every score and map equals the one-image path, which runs unsplit on all threads."""
+    from pipeline.patchcore.parallel import worker_count
+
+    tiles = mtd_tiles[:5]
+    assert worker_count(len(tiles), torch.get_num_threads()) >= 2, "this test needs 2 cores to split a batch"
+    before = blas_threads()
+    batch = onnx_model.predict(tiles)
+    assert blas_threads() == before  # numpy's BLAS gets its threads back
+    singles = [onnx_model.predict([tile]) for tile in tiles]
+    np.testing.assert_allclose(batch.scores, [s.scores[0] for s in singles], rtol=1e-5)
+    for got, single, tile in zip(batch.maps, singles, tiles, strict=True):
+        assert got.shape == tile.shape[:2]
+        np.testing.assert_allclose(got, single.maps[0], rtol=1e-4, atol=1e-4 * float(single.maps[0].max()))
+
+
+def test_concurrent_batches_score_alike_and_a_failing_one_raises(onnx_model, mtd_tiles):
+    """Two threads predicting at once (a service's requests) get their own results; a bad
+    image fails its own call with the library's error, and BLAS threads come back after all."""
+    import threading
+
+    before = blas_threads()
+    alone = [onnx_model.predict(mtd_tiles[:4]).scores, onnx_model.predict(mtd_tiles[4:]).scores]
+    got: dict[int, np.ndarray] = {}
+
+    def run(i: int) -> None:
+        for _ in range(3):
+            got[i] = onnx_model.predict(mtd_tiles[4 * i : 4 * i + 4]).scores
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    np.testing.assert_allclose(got[0], alone[0], rtol=1e-5)
+    np.testing.assert_allclose(got[1], alone[1], rtol=1e-5)
+    with pytest.raises(ValueError, match="uint8 pixels"):  # load_images gives uint8; a float image is refused
+        onnx_model.predict([mtd_tiles[0], mtd_tiles[1].astype(np.float64)])
+    assert blas_threads() == before
