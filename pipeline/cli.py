@@ -20,8 +20,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.data.datasets import IMAGE_SUFFIXES, DatasetError, LoadReport, Sample, batched, load_images, open_dataset
+from pipeline.data.datasets import DatasetError, LoadReport, Sample, batched, load_images, open_dataset
 from pipeline.data.images import ImageError
+from pipeline.data.inputs import image_inputs, output_paths, relative_names
 from pipeline.data.synthetic_set import describe as describe_eval_set
 from pipeline.evaluation.evaluate import default_method, evaluate
 from pipeline.evaluation.overlay import heatmap_overlay
@@ -123,20 +124,6 @@ def _bank_path(bank: str, registry: str) -> Path:
     return Registry(registry).bank_dir(bank)
 
 
-def _image_paths(inputs: Sequence[str]) -> list[str]:
-    """Image files, with each folder replaced by the image files inside it, sorted."""
-    paths: list[str] = []
-    for item in inputs:
-        if Path(item).is_dir():
-            found = sorted(str(p) for p in Path(item).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                raise FileNotFoundError(f"{item}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder")
-            paths += found
-        else:
-            paths.append(item)
-    return paths
-
-
 @command("predict")
 def _predict(args: argparse.Namespace) -> dict[str, Any]:
     """Score images in batches; write heatmap overlays only when ``--out`` is given."""
@@ -147,11 +134,15 @@ def _predict(args: argparse.Namespace) -> dict[str, Any]:
     out_dir = Path(args.out) if args.out else None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-    paths = _image_paths(args.images)
+    names = image_inputs(args.images)
     if args.data:
-        paths += [s.path for s in open_dataset(args.data).subset(None, args.count, seed=0).test]
-    if not paths:
+        picked = open_dataset(args.data).subset(None, args.count, seed=0).test
+        for path, name in relative_names(s.path for s in picked).items():
+            names.setdefault(path, name)
+    if not names:
         raise ValueError("give image paths or folders, or --data SPEC to predict on some of its test images")
+    paths = list(names)
+    targets = output_paths(names, out_dir, "_heatmap.png") if out_dir is not None else {}
     results: dict[str, dict[str, Any]] = {}
     report = LoadReport()
     samples = [Sample(path, 0) for path in paths]
@@ -165,8 +156,11 @@ def _predict(args: argparse.Namespace) -> dict[str, Any]:
                 decision = None if threshold is None else ("anomalous" if score >= threshold else "good")
                 item: dict[str, Any] = {"path": sample.path, "score": score, "decision": decision}
                 if out_dir is not None:
-                    target = out_dir / f"{Path(sample.path).stem}_heatmap.png"
-                    Image.fromarray(heatmap_overlay(image, pred.maps[i], threshold)).save(target)
+                    target = targets[sample.path]
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    partial = target.with_name(f".{target.name}.partial")  # an old overlay stays until the new is whole
+                    Image.fromarray(heatmap_overlay(image, pred.maps[i], threshold)).save(partial, format="PNG")
+                    os.replace(partial, target)
                     item["heatmap"] = str(target)
                 results[sample.path] = item
             bar.update(len(batch))

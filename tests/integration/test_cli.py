@@ -90,6 +90,27 @@ def test_predict_takes_a_folder_in_batches_and_writes_heatmaps_only_with_out(ban
         assert result["score"] == pytest.approx(float(model.predict([read_image(sample.path)]).scores[0]), rel=1e-4)
 
 
+def test_predict_descends_into_subfolders_and_mirrors_them_in_out(bank, elpv_mono, tmp_path):
+    """`tracebank predict BANK data/test`: every class folder is scored, and heatmaps of files
+    with the same name in different folders do not overwrite each other."""
+    out, _ = bank
+    good = next(s.path for s in elpv_mono.test if s.label == 0)
+    bad = next(s.path for s in elpv_mono.test if s.label == 1)
+    test = tmp_path / "test"
+    for folder, source in (("good", good), ("crack", bad)):
+        (test / folder).mkdir(parents=True)
+        (test / folder / "cell.png").write_bytes(Path(source).read_bytes())
+    maps = tmp_path / "maps"
+    proc = tracebank("predict", str(out), str(test), "--out", str(maps), "--json")
+    results = json.loads(proc.stdout)["results"]
+    assert [r["path"] for r in results] == [str(test / "crack" / "cell.png"), str(test / "good" / "cell.png")]
+    assert [r["heatmap"] for r in results] == [str(maps / "crack" / "cell_heatmap.png"),
+                                               str(maps / "good" / "cell_heatmap.png")]
+    assert results[0]["score"] != results[1]["score"]
+    assert sorted(p.relative_to(maps).as_posix() for p in maps.rglob("*") if p.is_file()) == [
+        "crack/cell_heatmap.png", "good/cell_heatmap.png"]
+
+
 def test_corrupt_bank_is_a_one_line_error(bank, tmp_path):
     import shutil
 
