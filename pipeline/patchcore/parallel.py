@@ -5,7 +5,8 @@ takes every core in turn: on 2 cores the exact nearest-neighbour search ran 1.3x
 two BLAS threads than on one, and about a third of it (argmin, the pruning test) is
 single-threaded numpy anyway. Giving each core its own slice of the batch, with ONNX Runtime
 and BLAS at one thread per caller, keeps both cores busy from the first stage to the last
-(measured: 60 -> 88 images/s end to end on MTD tiles, BENCHMARKS.md). The kernels release
+(MTD tiles, batch 16, 2 cores: 50-63 images/s end to end before, median 82-88 after;
+BENCHMARKS.md). The kernels release
 the GIL, so plain threads suffice and nothing is copied between processes.
 """
 
@@ -38,7 +39,7 @@ def single_threaded_blas() -> Iterator[None]:
     """Hold the BLAS libraries numpy and faiss call at one thread while any caller is inside.
 
     Two threads that each call a multi-threaded OpenBLAS fight over its one thread pool
-    (end-to-end predict fell from 60 to 29 images/s on 2 cores); at one thread, each call
+    (end-to-end predict fell to 27-32 images/s on 2 cores, against 63-90 at one thread); at one thread, each call
     runs on its caller's thread. The limit is process-wide, as OpenBLAS's setting is:
     nested and concurrent callers share it, and the original thread counts come back when
     the last one leaves.
