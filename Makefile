@@ -9,7 +9,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 
-.PHONY: run test setup bench lint clean
+.PHONY: run test setup bench lint mutate clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,5 +33,16 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check pipeline flows serving benchmarks tests
 	$(VENV)/bin/mypy pipeline
 
+# Mutation testing of the modules in pyproject.toml's [tool.mutmut] only_mutate (docs/mutation.md):
+# not part of `make test`. One worker, one BLAS thread: the machine is shared.
+$(VENV)/.mutmut-installed: $(STAMP)
+	$(PY) -m pip install -e ".[mlops,dev,mutation]"
+	touch $@
+
+mutate: $(VENV)/.mutmut-installed
+	rm -rf mutants
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children 1
+	$(PY) -m benchmarks.mutation
+
 clean:
-	rm -rf $(VENV) build out runs
+	rm -rf $(VENV) build out runs mutants
