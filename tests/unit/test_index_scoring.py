@@ -2,8 +2,10 @@ import math
 
 import numpy as np
 import pytest
+import scipy.ndimage
 import torch
 
+from pipeline.patchcore.features import Placement
 from pipeline.patchcore.index import NNIndex
 from pipeline.patchcore.scoring import (
     anomaly_maps,
@@ -11,6 +13,7 @@ from pipeline.patchcore.scoring import (
     grid_blur_operator,
     reweighted_image_scores,
     smoothed_image_scores,
+    to_original,
 )
 
 
@@ -79,6 +82,51 @@ def test_eq7_worked_case():
     assert plain == pytest.approx(3.0)
 
 
+def _eq7_by_brute_force(query, bank, m_star, b):
+    """Eq. 7 read off the paper: the b bank features nearest to m* (m* first, by numpy sort)."""
+    around_m_star = np.argsort(np.linalg.norm(bank - bank[m_star], axis=1), kind="stable")[:b]
+    d = np.linalg.norm(bank[around_m_star].astype(np.float64) - query, axis=1)
+    return (1 - math.exp(d[0]) / np.exp(d).sum()) * d[0]
+
+
+def test_eq7_weighs_with_the_neighbours_of_m_star_not_those_of_the_query():
+    # m* = (0, 0) is the query's nearest bank feature. Its neighbours are bank[1] (left, 1.0)
+    # and bank[2] (below, 1.1); the query's are bank[3] (right of m*) and bank[2]: the two sets
+    # differ, and Eq. 7 takes the first.
+    bank = np.array([[0.0, 0.0], [-1.0, 0.0], [0.0, -1.1], [2.2, 0.0], [8.0, 8.0]], np.float32)
+    index = NNIndex("flat").fit(bank)
+    q = np.array([1.0, 0.1])
+    assert list(np.argsort(np.linalg.norm(bank - q, axis=1))[:3]) == [0, 3, 2]
+    assert list(np.argsort(np.linalg.norm(bank - bank[0], axis=1))[:3]) == [0, 1, 2]
+    queries = np.array([[[7.5, 7.8], q], [q, [-1.0, 0.5]]], np.float32)  # (B=2, P=2, D=2)
+    patch = np.linalg.norm(queries[..., None, :] - bank, axis=-1).min(-1).astype(np.float32)  # (2, 2)
+    nearest = np.linalg.norm(queries[..., None, :] - bank, axis=-1).argmin(-1)
+    assert patch[0].argmax() == 1 and patch[1].argmax() == 0  # q is the worst patch of both images
+    d0, d1, d2 = math.sqrt(1.01), math.sqrt(4.01), math.sqrt(2.44)  # q to m*, bank[1], bank[2]
+    by_hand = (1 - math.exp(d0) / (math.exp(d0) + math.exp(d1) + math.exp(d2))) * d0
+    assert _eq7_by_brute_force(q, bank, 0, 3) == pytest.approx(by_hand)
+    scores = reweighted_image_scores(queries, patch, nearest, bank, index, num_neighbors=3)
+    assert scores.dtype == np.float32 and scores.shape == (2,)
+    np.testing.assert_allclose(scores, [by_hand, by_hand], rtol=1e-5)
+    two = reweighted_image_scores(queries, patch, nearest, bank, index, num_neighbors=2)
+    np.testing.assert_allclose(two, _eq7_by_brute_force(q, bank, 0, 2), rtol=1e-5)
+    assert two[0] == pytest.approx((1 - math.exp(d0) / (math.exp(d0) + math.exp(d1))) * d0, rel=1e-5)
+    plain = reweighted_image_scores(queries, patch, nearest, bank, index, num_neighbors=1)
+    assert plain.dtype == np.float32
+    np.testing.assert_allclose(plain, [math.sqrt(1.01)] * 2, rtol=1e-6)
+
+
+def test_eq7_takes_b_features_when_m_star_has_exact_copies_in_the_bank():
+    # Three copies of one nominal feature: the search around m* = bank[2] may return the other
+    # two copies and not m* itself. Eq. 7 still weighs b = 2 features, all at the same
+    # distance from the query, so the weight is exactly 1 - 1/2.
+    bank = np.array([[1.0, 1.0], [1.0, 1.0], [1.0, 1.0], [5.0, 5.0], [-4.0, 2.0]], np.float32)
+    index = NNIndex("flat").fit(bank)
+    query = np.array([[[1.0, 4.0]]], np.float32)
+    score = reweighted_image_scores(query, np.array([[3.0]], np.float32), np.array([[2]]), bank, index, 2)[0]
+    assert score == pytest.approx(0.5 * 3.0, rel=1e-6)
+
+
 def test_eq7_large_distances_do_not_overflow():
     bank = np.array([[0.0], [1000.0], [2000.0]], np.float32)
     index = NNIndex("flat").fit(bank)
@@ -103,6 +151,12 @@ def test_smoothed_image_score_worked_case():
     got = smoothed_image_scores(grid, single, sigma=0.5, weight=0.3)[0]
     assert got == pytest.approx(0.3 * 8.0 + 0.7 * 9.0 * w0**2, rel=1e-6)
     assert smoothed_image_scores(grid, single, sigma=0.5, weight=1.0)[0] == pytest.approx(8.0)
+
+
+def test_smoothed_image_scores_are_float32():
+    grid = np.random.default_rng(2).gamma(2.0, 5.0, size=(3, 6, 6))
+    got = smoothed_image_scores(grid, np.ones(3), sigma=1.0, weight=0.5)
+    assert got.dtype == np.float32 and got.shape == (3,)
 
 
 @pytest.mark.parametrize(("h", "w", "sigma"), [(28, 28, 4.0), (40, 40, 6.0), (20, 28, 2.5)])
@@ -131,6 +185,18 @@ def test_smoothed_score_ranks_a_defect_region_above_one_stray_patch():
     assert scores[1] == pytest.approx(0.3 * 5 + 0.7 * (1 + 4 * three**2), rel=1e-5)
     # a radius longer than the grid still folds back into it (weights of every row sum to 1)
     np.testing.assert_allclose(grid_blur_operator(5, 4.0).sum(axis=1), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("sigma", [0.3, 1.0, 4.0])
+def test_gaussian_kernel_equals_scipy_ndimage_truncated_at_4_sigma(sigma):
+    impulse = np.zeros(41)
+    impulse[20] = 1.0
+    ref = scipy.ndimage.gaussian_filter1d(impulse, sigma, mode="constant", truncate=4.0)
+    k = gaussian_kernel(sigma).numpy()
+    r = len(k) // 2
+    got = np.zeros(41)
+    got[20 - r : 21 + r] = k
+    np.testing.assert_allclose(got, ref, rtol=1e-6)  # zero where scipy's kernel ends
 
 
 def test_gaussian_kernel_normalised_and_symmetric():
@@ -210,3 +276,21 @@ def test_pruned_top1_search_falls_back_where_no_axis_dominates():
     full = ((queries[:, None, :].astype(np.float64) - bank[None]) ** 2).sum(-1)
     np.testing.assert_array_equal(idx[:, 0], full.argmin(1))
     assert search.k == 0 or search.kept == search.blocks * len(bank)
+
+
+def test_to_original_crops_the_content_box_and_resizes_bilinearly():
+    # A 6x6 map: the 2x2 content box at (1, 2) holds [[0, 4], [8, 12]], the padding 99.
+    amap = np.full((6, 6), 99.0, np.float32)
+    amap[1:3, 2:4] = [[0.0, 4.0], [8.0, 12.0]]
+    same = to_original(amap.astype(np.float64), Placement(height=2, width=2, top=1, left=2, inner_h=2, inner_w=2))
+    assert same.dtype == np.float32
+    np.testing.assert_array_equal(same, [[0.0, 4.0], [8.0, 12.0]])
+    # Up to 4x4, pixel centres aligned (as align_corners=False), edges held: along each axis the
+    # four outputs sit at 0, 1/4, 3/4 and 1 of the way from the first value to the second.
+    up = to_original(amap, Placement(height=4, width=4, top=1, left=2, inner_h=2, inner_w=2))
+    a = np.array([0.0, 0.25, 0.75, 1.0])
+    assert up.dtype == np.float32 and up.shape == (4, 4)
+    np.testing.assert_allclose(up, 8.0 * a[:, None] + 4.0 * a[None, :], atol=1e-5)
+    # a wide original (4 high, 8 wide) letterboxed into rows 1..2 of the map: no padding leaks in
+    wide = to_original(amap, Placement(height=4, width=8, top=1, left=2, inner_h=2, inner_w=2))
+    assert wide.shape == (4, 8) and float(wide.max()) <= 12.0 and float(wide.min()) >= 0.0
