@@ -27,7 +27,8 @@ from prefect.artifacts import create_markdown_artifact
 
 from pipeline.data.importer import unique_name
 from pipeline.data.intake import add_nominal, expand_inputs
-from pipeline.lifecycle.registry import Registry
+from pipeline.lifecycle.registry import Registry, RegistryBusy
+from pipeline.lifecycle.retrain import already_made
 from pipeline.lifecycle.steps import Params
 
 from .train import track_data, train
@@ -83,14 +84,26 @@ def retrain_from_inbox(
     reload_url: str | None = None,
 ) -> dict[str, Any]:
     """Take the inbox, and retrain (and promote on passed gates) if the data changed."""
+    registry = Registry(registry_dir)
+    try:
+        with registry.exclusive_run("tracebank-inbox"):
+            return _retrain_from_inbox(inbox, params_file, work_dir, registry, data_dir, quarantine, full, reload_url)
+    except RegistryBusy as exc:
+        decision = f"inbox not taken, not retrained: {exc}"
+        create_markdown_artifact(key="inbox-run", markdown=f"# inbox run: {decision}")
+        return {"inbox": None, "data_hash": None, "decision": decision, "outcome": None}
+
+
+def _retrain_from_inbox(inbox: str, params_file: str, work_dir: str, registry: Registry, data_dir: str,
+                        quarantine: str, full: bool, reload_url: str | None) -> dict[str, Any]:
     params = Params.load(params_file)
     report = take_inbox(inbox, data_dir, quarantine, params)
-    data_hash = track_data(data_dir)
-    registry = Registry(registry_dir)
-    pointer = registry.production()
+    data_hash = track_data(data_dir, params.retrain.git_commit)
+    registry_dir = str(registry.root)
+    same = None if full else already_made(registry, data_hash, params)
     outcome: dict[str, Any] | None = None
-    if pointer is not None and registry.lineage("production").get("data_hash") == data_hash and not full:
-        decision = f"data unchanged (hash {data_hash}): production bank {pointer['bank_id']} kept"
+    if same is not None:
+        decision = same["decision"]
     else:
         outcome = train(params_file, work_dir, registry_dir, data_dir, auto_promote=True, full=full)
         fit = outcome["fit"]

@@ -26,11 +26,12 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from pipeline.data.datasets import Dataset
 from pipeline.data.importer import import_dataset
-from pipeline.lifecycle.registry import Registry
-from pipeline.lifecycle.retrain import choose_fit, extend_step
+from pipeline.lifecycle.registry import Registry, RegistryBusy
+from pipeline.lifecycle.retrain import already_made, choose_fit, extend_step
 from pipeline.lifecycle.steps import (
     Params,
     ValidationFailed,
+    commit_data_pointer,
     coreset_step,
     dvc_data_hash,
     evaluate_step,
@@ -43,10 +44,14 @@ from pipeline.lifecycle.steps import (
 
 
 @task(retries=2, retry_delay_seconds=2)
-def track_data(data_dir: str = "data") -> str | None:
-    """``dvc add`` the data folder (a no-op when unchanged); returns the DVC hash."""
+def track_data(data_dir: str = "data", git_commit: bool = False) -> str | None:
+    """``dvc add`` the data folder (a no-op when unchanged); returns the DVC hash. With
+    ``git_commit`` (``retrain.git_commit``), commits the pointer files it changed."""
     subprocess.run([sys.executable, "-m", "dvc", "add", "-q", data_dir], check=True)
-    return dvc_data_hash(f"{data_dir}.dvc")
+    data_hash = dvc_data_hash(f"{data_dir}.dvc")
+    if git_commit:
+        commit_data_pointer([f"{data_dir}.dvc", "dvc.lock"], f"data: {data_dir} at DVC hash {data_hash}")
+    return data_hash
 
 
 @task
@@ -98,7 +103,7 @@ def package(params: Params, work: Path, registry: Registry, data_hash: str | Non
 
 @task
 def promote(registry: Registry, bank_id: str) -> dict[str, Any]:
-    return registry.promote(bank_id, by="prefect:tracebank-train")
+    return registry.promote(bank_id, by="prefect:tracebank-train", reason="gates")
 
 
 def _publish(outcome: dict[str, Any], metrics: dict[str, Any], report: str | None) -> None:
@@ -128,7 +133,13 @@ def train(
     (on pass) promote a bank."""
     params = Params.load(params_file)
     work, registry = Path(work_dir), Registry(registry_dir)
-    data_hash = track_data(data_dir) if Path(data_dir).is_dir() else None
+    with registry.exclusive_run("tracebank-train"):
+        return _train(params, work, registry, data_dir, auto_promote, full)
+
+
+def _train(params: Params, work: Path, registry: Registry, data_dir: str, auto_promote: bool,
+           full: bool) -> dict[str, Any]:
+    data_hash = track_data(data_dir, params.retrain.git_commit) if Path(data_dir).is_dir() else None
     dataset = params.dataset()
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -161,13 +172,24 @@ def train(
 def retrain_if_changed(
     params_file: str = "params.yaml", work_dir: str = "runs/flow", registry_dir: str = "banks", data_dir: str = "data"
 ) -> dict[str, Any]:
-    """Retrain when the nominal data's DVC hash differs from the production bank's."""
+    """Retrain unless a registered bank was made from the same data (by DVC hash) and params.
+
+    A run that finds another training run active on the registry does nothing and says so.
+    """
     registry = Registry(registry_dir)
-    data_hash = track_data(data_dir)
-    pointer = registry.production()
-    if pointer is not None and registry.lineage("production").get("data_hash") == data_hash:
-        return {"retrained": False, "data_hash": data_hash, "production": pointer["bank_id"]}
-    outcome = train(params_file, work_dir, registry_dir, data_dir, auto_promote=True)
+    try:
+        with registry.exclusive_run("tracebank-retrain-if-changed"):
+            params = Params.load(params_file)
+            data_hash = track_data(data_dir, params.retrain.git_commit)
+            same = already_made(registry, data_hash, params)
+            if same is not None:
+                print(same["decision"])
+                return {"retrained": False, "data_hash": data_hash, "decision": same["decision"],
+                        "bank_id": same["bank_id"], "production": (registry.production() or {}).get("bank_id")}
+            outcome = train(params_file, work_dir, registry_dir, data_dir, auto_promote=True)
+    except RegistryBusy as exc:
+        print(f"not retrained: {exc}")
+        return {"retrained": False, "decision": f"not retrained: {exc}"}
     outcome["retrained"] = True
     return outcome
 
@@ -216,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationFailed as exc:
         print(f"stopped before training: {exc}", file=sys.stderr)
         return 1
+    except RegistryBusy as exc:
+        print(f"not trained: {exc}", file=sys.stderr)
+        return 4
     print(f"bank {outcome['bank_id']}: {outcome['status']}")
     print(f"  bank:   {outcome['bank_dir']}")
     print(f"  report: {outcome['report']}")

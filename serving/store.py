@@ -67,14 +67,13 @@ def save_to_store(bank_dir: str | Path, lineage: dict[str, Any]) -> str:
 
 
 def package(registry: Registry, bank_id: str) -> str:
-    """Store a registered bank in the model store (once) and record its tag in the lineage,
-    unless the lineage names one already."""
+    """Store a registered bank in the model store (once) and append a ``packaged`` event with
+    its tag to the bank's events (the bank's record itself is never rewritten)."""
     record = registry.lineage(bank_id)
     if record.get("model_tag") and stored(record["model_tag"]):
         return str(record["model_tag"])
     tag = save_to_store(registry.bank_dir(bank_id), record)
-    if not record.get("model_tag"):
-        registry.set_fields(bank_id, model_tag=tag)
+    registry.record_packaged(bank_id, tag)
     return tag
 
 

@@ -1,53 +1,109 @@
-"""A registry of banks on disk: candidates, rejected banks, the production bank, history.
+"""A registry of banks on disk whose records never change after the fact.
 
 Layout of a registry root (``banks/`` by default)::
 
-    banks/<bank_id>/            a bank directory (see :mod:`pipeline.patchcore.bank`)
-    banks/<bank_id>/lineage.json  data hash, files, git commit, params, metrics, gates, status
-    banks/PRODUCTION.json       {"bank_id", "promoted_at", "promoted_by", "previous"}
+    banks/<bank_id>/              a bank directory (see :mod:`pipeline.patchcore.bank`) and
+    banks/<bank_id>/lineage.json  its record at registration: data, code, params, metrics, gates
+    banks/events/<bank_id>.jsonl  what happened to the bank later: evaluations, packaging
+    banks/promotions.jsonl        the promotion log: time, user, from, to, reason
+    banks/PRODUCTION.json         the production pointer, replayed from the promotion log
+    banks/.lock                   held (``flock``) by every writer
 
-Promotion writes ``PRODUCTION.json`` through a temporary file and ``os.replace``, which is
-atomic on POSIX: a promotion interrupted at any point leaves either the old or the new
-production bank, never a half-written pointer. A bank whose gates failed cannot be promoted.
+A bank directory is complete before it appears: the files and the record are written into
+a staging folder that one ``os.replace`` renames into place, and nothing writes into it
+afterwards. A rerun that produces a bank already registered appends an evaluation to its
+event file instead. The two logs are append-only: a record is added by writing the whole
+file anew beside the old one and renaming it over it, so a killed writer leaves the old or
+the new log, never a torn line. Writers hold an exclusive ``flock`` on ``.lock`` (released
+by the kernel when a writer dies), so two promotions at the same moment are serialised and
+both reach the log.
+
+The promotion log is the source of truth; ``PRODUCTION.json`` is rewritten from it after
+each promotion for readers that want one small file, and a registry that only has the
+pointer (written before the log existed) is read from the pointer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
-import getpass
 import json
 import os
 import shutil
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from pipeline.patchcore.bank import BankError, read_manifest, write_json_atomic
 
+from .ledger import Busy, FileLock, LedgerError, append_jsonl, now, read_jsonl, replay, to_time, user_name
+
 POINTER = "PRODUCTION.json"
 LINEAGE = "lineage.json"
-STATUSES = ("candidate", "rejected", "production", "retired")
+LOG = "promotions.jsonl"
+EVENTS = "events"
+LOCK = ".lock"
+RUN_LOCK = ".run.lock"
+#: Why a bank became production: its gates passed in a pipeline run, a user promoted it, a
+#: rollback returned to it, or a user forced it past its gates.
+REASONS = ("gates", "manual", "rollback", "forced")
+#: How long a writer waits for another one before it gives up.
+LOCK_TIMEOUT_S = 60.0
 
 
 class RegistryError(RuntimeError):
     """A registry operation was refused; the message says why and what to do."""
 
 
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+class RegistryBusy(RegistryError):
+    """Another process holds the registry (or a training run) and did not let go in time."""
+
+
+def _read_log(path: Path) -> list[dict[str, Any]]:
+    try:
+        return read_jsonl(path)
+    except LedgerError as exc:
+        raise RegistryError(str(exc)) from exc
+
+
+@contextlib.contextmanager
+def _hold(path: Path, wait_s: float, what: str, threads_share: bool = False) -> Iterator[None]:
+    try:
+        with FileLock.of(path).hold(wait_s=wait_s, what=what, threads_share=threads_share):
+            yield
+    except Busy as exc:
+        raise RegistryBusy(str(exc)) from exc
 
 
 class Registry:
-    """Banks under ``root`` with their lineage and the production pointer."""
+    """Banks under ``root`` with their records, events and the promotion log."""
 
     def __init__(self, root: str | Path = "banks") -> None:
         self.root = Path(root)
 
+    # -- locks -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def locked(self, wait_s: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+        """Hold the registry's writer lock (waits up to ``wait_s`` for another writer)."""
+        with _hold(self.root / LOCK, wait_s, f"registry {self.root}"):
+            yield
+
+    @contextlib.contextmanager
+    def exclusive_run(self, what: str, wait_s: float = 0.0) -> Iterator[None]:
+        """Hold the training-run lock for ``what``: a second run that finds one active waits
+        ``wait_s`` seconds, then raises :class:`RegistryBusy` saying so. Every thread of this
+        process shares the hold (a flow's tasks run on worker threads); nested holds are free."""
+        with _hold(self.root / RUN_LOCK, wait_s, f"a training run on {self.root} ({what})", threads_share=True):
+            yield
+
     # -- reading -----------------------------------------------------------------------
     def bank_dir(self, bank: str) -> Path:
         """Directory of ``bank`` (an id, a unique id prefix, or ``"production"``)."""
-        bank_id = self.resolve(bank)
-        return self.root / bank_id
+        return self.root / self.resolve(bank)
+
+    def exists(self, bank_id: str) -> bool:
+        return (self.root / bank_id / LINEAGE).is_file()
 
     def resolve(self, bank: str) -> str:
         if bank == "production":
@@ -55,7 +111,7 @@ class Registry:
             if pointer is None:
                 raise RegistryError(f"{self.root}: no bank has been promoted to production yet")
             return str(pointer["bank_id"])
-        if (self.root / bank / LINEAGE).is_file():
+        if bank and "/" not in bank and bank not in (".", "..") and self.exists(bank):
             return bank
         matches = [p.name for p in self._bank_dirs() if p.name.startswith(bank)] if bank else []
         if len(matches) == 1:
@@ -67,27 +123,125 @@ class Registry:
     def _bank_dirs(self) -> list[Path]:
         if not self.root.is_dir():
             return []
-        return sorted(p for p in self.root.iterdir() if p.is_dir() and (p / LINEAGE).is_file())
+        return sorted(p for p in self.root.iterdir() if p.is_dir() and not p.is_symlink() and (p / LINEAGE).is_file())
 
-    def production(self) -> dict[str, Any] | None:
+    def promotions(self) -> list[dict[str, Any]]:
+        """The promotion log, oldest first (from ``PRODUCTION.json`` for an older registry)."""
+        log = _read_log(self.root / LOG)
+        return log if log else self._log_from_pointer()
+
+    def _log_from_pointer(self) -> list[dict[str, Any]]:
+        """A registry written before the log: its pointer's history as log entries."""
         path = self.root / POINTER
         if not path.is_file():
-            return None
-        return json.loads(path.read_text())
+            return []
+        try:
+            pointer = json.loads(path.read_text())
+            chain = [str(b) for b in reversed(pointer.get("history") or [])] + [str(pointer["bank_id"])]
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise RegistryError(f"{path} is not a production pointer ({exc}); `tracebank promote --force BANK` "
+                                "writes a new one") from exc
+        entries, previous = [], None
+        for seq, bank_id in enumerate(chain, 1):
+            time_ = pointer.get("promoted_at") if seq == len(chain) else None
+            entries.append({"seq": seq, "time": time_ or "1970-01-01T00:00:00+00:00", "user": pointer.get(
+                "promoted_by") if seq == len(chain) else None, "from": previous, "to": bank_id,
+                "reason": "manual", "note": f"from {POINTER} (written before {LOG})"})
+            previous = bank_id
+        return entries
 
-    def lineage(self, bank: str) -> dict[str, Any]:
-        """The lineage record of ``bank``, with its current ``status`` and promotion time."""
+    def production(self, at: str | dt.datetime | None = None) -> dict[str, Any] | None:
+        """The production pointer (now, or as it was at time ``at``), or None."""
+        log = self.promotions()
+        if at is not None:
+            when = to_time(at)
+            log = [e for e in log if to_time(e["time"]) <= when]
+        return replay(log)
+
+    def record(self, bank: str) -> dict[str, Any]:
+        """The bank's record exactly as it was written at registration."""
         bank_id = self.resolve(bank)
-        record = json.loads((self.root / bank_id / LINEAGE).read_text())
-        pointer = self.production() or {}
-        if pointer.get("bank_id") == bank_id:
-            record["status"] = "production"
-            record["promoted_at"] = pointer["promoted_at"]
-            record["promoted_by"] = pointer.get("promoted_by")
-        elif bank_id in pointer.get("rolled_back", []):
-            record["status"] = "rolled back"
-        elif bank_id in pointer.get("history", []) or record.get("status") == "production":
-            record["status"] = "retired"  # was production, replaced by a later promotion
+        path = self.root / bank_id / LINEAGE
+        try:
+            record = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise RegistryError(f"{path} is not JSON ({exc.msg}): the bank's record is damaged") from exc
+        return dict(record)
+
+    def events(self, bank: str) -> list[dict[str, Any]]:
+        """What happened to the bank after registration (evaluations, packaging), oldest first."""
+        return _read_log(self.root / EVENTS / f"{self.resolve(bank)}.jsonl")
+
+    def history(self, bank: str | None = None) -> list[dict[str, Any]]:
+        """Promotion-log entries (of ``bank`` only, when given: to or from it), oldest first."""
+        log = self.promotions()
+        if bank is None:
+            return log
+        bank_id = self.resolve(bank)
+        return [e for e in log if bank_id in (e.get("to"), e.get("from"))]
+
+    def verdict(self, bank: str) -> dict[str, Any]:
+        """The latest gate results of ``bank``: from its last evaluation, else its registration."""
+        gates = self.record(bank).get("gates") or {}
+        for event in self.events(bank):
+            if event.get("event") == "evaluated" and event.get("gates") is not None:
+                gates = event["gates"]
+        return dict(gates)
+
+    def status(self, bank: str, at: str | dt.datetime | None = None) -> str:
+        """``production``, ``rolled back``, ``retired`` (was production), ``candidate`` or
+        ``rejected`` (its latest gate results), now or as it was at time ``at``."""
+        bank_id = self.resolve(bank)
+        pointer = self.production(at)
+        if pointer is not None:
+            if pointer["bank_id"] == bank_id:
+                return "production"
+            if bank_id in pointer["rolled_back"]:
+                return "rolled back"
+            moves = [e for e in self.history(bank_id) if at is None or to_time(e["time"]) <= to_time(at)]
+            if any(e["to"] == bank_id for e in moves):
+                return "retired"  # was production, replaced by a later promotion
+        record = self.record(bank_id)
+        gates = record.get("gates") or {}
+        for event in self.events(bank_id):
+            if event.get("event") == "evaluated" and (at is None or to_time(event["time"]) <= to_time(at)):
+                gates = event.get("gates") or gates
+        if not gates:
+            return str(record.get("status", "candidate"))
+        return "candidate" if gates.get("passed") else "rejected"
+
+    def lineage(self, bank: str, at: str | dt.datetime | None = None) -> dict[str, Any]:
+        """The bank's record as registered, with what followed: its ``status`` (now, or at
+        time ``at``), ``model_tag``, promotion time and user while it is production,
+        ``evaluations`` (later evaluations of the same bank) and ``history`` (every event
+        and promotion-log entry of the bank, oldest first)."""
+        bank_id = self.resolve(bank)
+        record = self.record(bank_id)
+        events = self.events(bank_id)
+        if at is not None:
+            events = [e for e in events if to_time(e["time"]) <= to_time(at)]
+        record.setdefault("status_at_registration", record.get("status"))
+        record["status"] = self.status(bank_id, at)
+        pointer = self.production(at)
+        if pointer is not None and pointer["bank_id"] == bank_id:
+            record["promoted_at"], record["promoted_by"] = pointer["promoted_at"], pointer["promoted_by"]
+        for event in events:
+            if event.get("event") == "packaged":
+                record["model_tag"] = event["model_tag"]  # the latest packaging wins
+        record["evaluations"] = [e for e in events if e.get("event") == "evaluated"]
+        moves = [e for e in self.history(bank_id) if at is None or to_time(e["time"]) <= to_time(at)]
+        registered = record.get("status_at_registration") or record.get("status")
+        timeline = [{"time": record.get("created_at"), "event": "registered", "status": registered}]
+        timeline += [{"time": e["time"], "event": e["event"]} | {k: e[k] for k in ("gates_passed", "data_hash",
+                     "model_tag") if k in e} for e in events]
+        for entry in moves:
+            if entry["to"] == bank_id:
+                kind = "returned by rollback" if entry.get("reason") == "rollback" else "promoted"
+            else:
+                kind = "rolled back" if entry.get("reason") == "rollback" else "retired"
+            timeline.append({"time": entry["time"], "event": kind, "by": entry.get("user"),
+                             "reason": entry.get("reason"), "from": entry.get("from"), "to": entry.get("to")})
+        record["history"] = sorted(timeline, key=lambda e: to_time(e["time"] or "1970-01-01T00:00:00+00:00"))
         return record
 
     def list(self) -> list[dict[str, Any]]:
@@ -103,89 +257,149 @@ class Registry:
                 "image_auroc": (rec.get("metrics") or {}).get("image_auroc"),
                 "pro": (rec.get("metrics") or {}).get("pro"),
                 "promoted_at": rec.get("promoted_at"),
+                "evaluations": len(rec["evaluations"]),
             })
         return sorted(rows, key=lambda r: r["created_at"] or "", reverse=True)
 
+    def find(self, data_hash: str | None, params: Mapping[str, Any]) -> str | None:
+        """A registered bank made from data ``data_hash`` with exactly ``params`` (at its
+        registration or a later evaluation), or None. The newest such bank wins."""
+        if data_hash is None:
+            return None
+        wanted = json.loads(json.dumps(params))
+        found = []
+        for path in self._bank_dirs():
+            record = self.record(path.name)
+            runs = [record, *(e for e in self.events(path.name) if e.get("event") == "evaluated")]
+            for run in runs:
+                if run.get("data_hash") == data_hash and run.get("params") == wanted:
+                    found.append((run.get("time") or record.get("created_at") or "", path.name))
+        return max(found)[1] if found else None
+
     # -- writing -----------------------------------------------------------------------
     def register(self, bank_dir: str | Path, lineage: Mapping[str, Any], *, move: bool = True) -> str:
-        """Add a verified bank with its lineage; returns its id.
+        """Add a verified bank with its record; returns its id.
 
-        The bank directory is moved (or copied) to ``root/<bank_id>``; registering the same
-        bank twice keeps the first copy and refreshes its lineage.
+        The bank directory and its record are assembled in a staging folder and renamed to
+        ``root/<bank_id>`` in one step. A bank already registered is left exactly as it is:
+        the run is appended to its events as an evaluation (see :meth:`record_evaluation`).
         """
         manifest = read_manifest(bank_dir)
         bank_id = manifest["bank_id"]
-        target = self.root / bank_id
-        self.root.mkdir(parents=True, exist_ok=True)
-        if not target.exists():
-            staging = self.root / f".{bank_id}.incoming"
-            shutil.rmtree(staging, ignore_errors=True)
-            if move:
-                shutil.move(str(bank_dir), staging)
-            else:
-                shutil.copytree(bank_dir, staging)
-            os.replace(staging, target)
         record = dict(lineage)
-        record.update({"bank_id": bank_id, "created_at": record.get("created_at") or manifest["created_at"]})
-        status = record.get("status", "candidate")
+        status = record.pop("status", None) or ("candidate" if (record.get("gates") or {}).get("passed") else
+                                                "rejected")
         if status not in ("candidate", "rejected"):
             raise RegistryError(f"a new bank is registered as candidate or rejected, not {status!r}")
-        record["status"] = status
-        write_json_atomic(target / LINEAGE, record)
+        with self.locked():
+            if self.exists(bank_id):
+                self.record_evaluation(bank_id, record)
+                if move:
+                    shutil.rmtree(bank_dir, ignore_errors=True)
+                return bank_id
+            self.root.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{bank_id}.incoming-", dir=self.root))
+            try:
+                copy = staging / "bank"
+                if move:
+                    shutil.move(str(bank_dir), copy)
+                else:
+                    shutil.copytree(bank_dir, copy, symlinks=True)
+                record.update({"bank_id": bank_id, "created_at": record.get("created_at") or manifest["created_at"],
+                               "status_at_registration": status})
+                record.pop("promoted_at", None)
+                write_json_atomic(copy / LINEAGE, record)
+                os.replace(copy, self.root / bank_id)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
         return bank_id
 
-    def set_fields(self, bank: str, **fields: Any) -> dict[str, Any]:
-        bank_id = self.resolve(bank)
-        path = self.root / bank_id / LINEAGE
-        record = json.loads(path.read_text())
-        record.update(fields)
-        write_json_atomic(path, record)
-        return record
+    def record_evaluation(self, bank: str, run: Mapping[str, Any]) -> dict[str, Any]:
+        """Append a later evaluation of a registered bank (a rerun that produced it again):
+        its time, user, data hash, params, metrics and gate results. The bank's own record
+        is not touched."""
+        keep = ("data_hash", "data_hash_kind", "data_spec", "git_commit", "git_dirty", "params", "metrics",
+                "threshold", "operating_point", "gates", "timings", "evaluation_set", "report", "eval_files", "fit",
+                "added_files")
+        event = {"event": "evaluated", **{k: run[k] for k in keep if k in run},
+                 "gates_passed": bool((run.get("gates") or {}).get("passed"))}
+        return self._add_event(bank, event)
 
-    def promote(self, bank: str, *, by: str | None = None, force: bool = False) -> dict[str, Any]:
+    def record_packaged(self, bank: str, model_tag: str) -> dict[str, Any]:
+        """Record that the bank was stored in a model store under ``model_tag``."""
+        return self._add_event(bank, {"event": "packaged", "model_tag": model_tag})
+
+    def _add_event(self, bank: str, event: Mapping[str, Any]) -> dict[str, Any]:
+        with self.locked():
+            bank_id = self.resolve(bank)
+            row = {"time": now(), "user": user_name(None), "bank_id": bank_id, **event}
+            append_jsonl(self.root / EVENTS / f"{bank_id}.jsonl", row)
+        return row
+
+    def _log(self, entry: Mapping[str, Any], *, keep_pointer: bool = True) -> dict[str, Any]:
+        """Append a promotion-log entry and rewrite the pointer from the log (lock held)."""
+        log = _read_log(self.root / LOG)
+        if not log and keep_pointer:  # a registry from before the log: its history first
+            for old in self._log_from_pointer():
+                append_jsonl(self.root / LOG, old)
+                log.append(old)
+        row = {"seq": (log[-1]["seq"] + 1) if log else 1, "time": now(), **entry}
+        append_jsonl(self.root / LOG, row)
+        pointer = replay([*log, row])
+        assert pointer is not None
+        write_json_atomic(self.root / POINTER, pointer)
+        return pointer
+
+    def promote(self, bank: str, *, by: str | None = None, force: bool = False,
+                reason: str = "manual") -> dict[str, Any]:
         """Make ``bank`` the production bank, after verifying every file of it.
 
+        Promoting the production bank changes nothing: the pointer is returned with
+        ``"unchanged": True``.
+
         Raises:
-            RegistryError: the bank failed its gates (unless ``force``), or is corrupt.
+            RegistryError: the bank's latest gate results failed (unless ``force``), or it is corrupt.
         """
-        bank_id = self.resolve(bank)
-        record = json.loads((self.root / bank_id / LINEAGE).read_text())
-        gates = record.get("gates") or {}
-        if not force and not gates.get("passed", False):
-            reasons = "; ".join(gates.get("failures", [])) or "it has no passing gate results"
-            raise RegistryError(f"bank {bank_id} cannot be promoted: {reasons}")
-        try:
-            read_manifest(self.root / bank_id)
-        except BankError as exc:
-            raise RegistryError(f"bank {bank_id} is corrupt and cannot be promoted: {exc}") from exc
-        current = self.production()
-        pointer = {
-            "bank_id": bank_id,
-            "promoted_at": _now(),
-            "promoted_by": by or getpass.getuser(),
-            "previous": current["bank_id"] if current else None,
-            "history": ([current["bank_id"]] + current.get("history", []))[:50] if current else [],
-            "rolled_back": [b for b in (current or {}).get("rolled_back", []) if b != bank_id],
-        }
-        write_json_atomic(self.root / POINTER, pointer)
-        return pointer
+        if reason not in REASONS:
+            raise ValueError(f"promotion reason must be one of {', '.join(REASONS)}, got {reason!r}")
+        with self.locked():
+            try:
+                current = self.production()
+            except RegistryError:
+                if not force:
+                    raise
+                current = None  # --force starts a new log over a damaged pointer
+            bank_id = self.resolve(bank)
+            if current is not None and current["bank_id"] == bank_id:
+                return current | {"unchanged": True}
+            gates = self.verdict(bank_id)
+            if not force and not gates.get("passed", False):
+                reasons = "; ".join(gates.get("failures", [])) or "it has no passing gate results"
+                raise RegistryError(f"bank {bank_id} cannot be promoted: {reasons}")
+            try:
+                read_manifest(self.root / bank_id)
+            except BankError as exc:
+                raise RegistryError(f"bank {bank_id} is corrupt and cannot be promoted: {exc}") from exc
+            entry = {"user": user_name(by), "from": current["bank_id"] if current else None, "to": bank_id,
+                     "reason": "forced" if force and not gates.get("passed") else reason}
+            return self._log(entry, keep_pointer=current is not None or not (self.root / POINTER).is_file())
 
     def rollback(self, *, by: str | None = None) -> dict[str, Any]:
-        """Promote the previous production bank again."""
-        current = self.production()
-        if current is None or not current.get("previous"):
-            raise RegistryError("there is no previous production bank to roll back to")
-        history = current.get("history", [])
-        previous = current["previous"]
-        pointer = {
-            "bank_id": previous,
-            "promoted_at": _now(),
-            "promoted_by": by or getpass.getuser(),
-            "previous": history[1] if len(history) > 1 else None,
-            "history": history[1:],
-            "rolled_back_from": current["bank_id"],
-            "rolled_back": [current["bank_id"]] + [b for b in current.get("rolled_back", []) if b != previous],
-        }
-        read_manifest(self.root / previous)
-        write_json_atomic(self.root / POINTER, pointer)
-        return pointer
+        """Return to the previous production bank that differs from the current one.
+
+        Raises:
+            RegistryError: there is no production bank, or none before it.
+        """
+        with self.locked():
+            current = self.production()
+            if current is None:
+                raise RegistryError("there is no production bank to roll back from")
+            previous = next((b for b in current["history"] if b != current["bank_id"]), None)
+            if previous is None:
+                raise RegistryError(f"there is no previous production bank to roll back to: "
+                                    f"{current['bank_id']} is the only bank that has been production")
+            try:
+                read_manifest(self.root / previous)
+            except BankError as exc:
+                raise RegistryError(f"previous production bank {previous} is corrupt, not rolled back: {exc}") from exc
+            return self._log({"user": user_name(by), "from": current["bank_id"], "to": previous, "reason": "rollback"})

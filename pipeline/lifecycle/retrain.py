@@ -34,10 +34,13 @@ class RetrainConfig:
         incremental: extend when nothing but the good images changed.
         max_increments: refit after this many extensions in a row (each one is exact for
             the greedy k-center from its start, but the start drifts from a full fit's).
+        git_commit: after ``dvc add``, commit ``data.dvc`` and ``dvc.lock`` (only those), so
+            the commit a bank records holds the pointer to its exact training data.
     """
 
     incremental: bool = True
     max_increments: int = 5
+    git_commit: bool = False
 
     def __post_init__(self) -> None:
         if self.max_increments < 0:
@@ -98,3 +101,30 @@ def extend_step(params: Params, work: Path, registry: Registry, dataset: Dataset
                          evaluate_after=False, dataset=dataset)
     return {key: result[key] for key in ("bank_id", "bank_size", "parent_bank", "n_added", "n_extracted",
                                          "increments", "timings")} | {"seconds": time.perf_counter() - start}
+
+
+def already_made(registry: Registry, data_hash: str | None, params: Params) -> dict[str, Any] | None:
+    """The registered bank this run would make again, or None.
+
+    A run whose data hash and params equal those of a registered bank (production, candidate
+    or rejected, at registration or at a later evaluation) would extract the same features and
+    reach the same verdict, so a scheduled run skips it. Returns ``{"bank_id", "status",
+    "decision"}`` with the decision in words: which bank it is and why it is not production.
+    """
+    bank_id = registry.find(data_hash, params.as_dict())
+    if bank_id is None:
+        return None
+    status = registry.status(bank_id)
+    why = {
+        "production": "it is the production bank",
+        "candidate": "its gates passed but it was not promoted (promote it with `tracebank promote`)",
+        "rolled back": "it was rolled back from production",
+        "retired": "it was production before and was replaced",
+    }.get(status)
+    if why is None:
+        failures = registry.verdict(bank_id).get("failures") or ["its gates failed"]
+        why = "its gates failed: " + "; ".join(failures)
+    decision = (f"data (hash {data_hash}) and params unchanged since bank {bank_id} ({status}): nothing "
+                f"extracted, not retrained; {why}. Add images or change params.yaml to train again, "
+                "or pass --full to refit anyway")
+    return {"bank_id": bank_id, "status": status, "decision": decision}

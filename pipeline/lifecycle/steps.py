@@ -15,7 +15,9 @@ Work directory (``runs/`` by default)::
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -224,6 +226,45 @@ def git_state(root: str | Path = ".") -> dict[str, Any]:
     return {"git_commit": commit or None, "git_dirty": dirty}
 
 
+def commit_data_pointer(paths: list[str | Path], message: str, root: str | Path = ".") -> str | None:
+    """Commit exactly ``paths`` (DVC's pointer files) to git, leaving everything else staged
+    or not as it was; returns the new commit, or None when nothing changed.
+
+    Raises:
+        RuntimeError: not a git checkout, or git refused (the message is git's).
+    """
+    present = [str(p) for p in paths if (Path(root) / p).is_file()]
+
+    def git(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+
+    if not present:
+        return None
+    if git("rev-parse", "--git-dir").returncode != 0:
+        raise RuntimeError(f"retrain.git_commit is true but {Path(root).resolve().name} is not a git checkout")
+    if not git("status", "--porcelain", "--", *present).stdout.strip():
+        return None
+    done = git("commit", "--only", "-m", message, "--", *present)
+    if done.returncode != 0 and "did not match" in done.stderr:  # never added: add, then commit only them
+        git("add", "--", *present)
+        done = git("commit", "--only", "-m", message, "--", *present)
+    if done.returncode != 0:
+        raise RuntimeError(f"git commit of {', '.join(present)} failed: {(done.stderr or done.stdout).strip()}")
+    return git("rev-parse", "HEAD").stdout.strip() or None
+
+
+def files_data_hash(files: list[dict[str, str]]) -> str | None:
+    """A hash of a bank's training files (names relative to their common folder, and contents
+    by sha256), for banks whose data DVC does not track."""
+    if not files:
+        return None
+    paths = [Path(f["path"]) for f in files]
+    common = Path(os.path.commonpath([str(p.parent) for p in paths])) if len(paths) > 1 else paths[0].parent
+    rows = sorted([p.relative_to(common).as_posix() if p.is_relative_to(common) else p.name, f["sha256"]]
+                  for p, f in zip(paths, files, strict=True))
+    return hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()
+
+
 def dvc_data_hash(dvc_file: str | Path = "data.dvc") -> str | None:
     """The md5 DVC records for the tracked data (``outs[0].md5`` of ``data.dvc``)."""
     path = Path(dvc_file)
@@ -252,7 +293,8 @@ def register_step(
     manifest = update_manifest(staging, metrics=metrics, threshold=threshold)
     training = manifest["training"]
     lineage = {
-        "data_hash": data_hash,
+        "data_hash": data_hash if data_hash is not None else files_data_hash(training["files"]),
+        "data_hash_kind": "dvc-md5" if data_hash is not None else "files-sha256",
         "data_spec": params.data,
         "files": training["files"],
         "fit": {"fit": training.get("fit", "full"), "parent_bank": training.get("parent_bank"),
@@ -330,7 +372,8 @@ def register_fitted_bank(
         update_manifest(copy, metrics=metrics, threshold=threshold)
         training = manifest["training"]
         lineage = {
-            "data_hash": None,
+            "data_hash": files_data_hash(training.get("files", [])),
+            "data_hash_kind": "files-sha256",
             "data_spec": training.get("spec"),
             "files": training.get("files", []),
             "eval_files": (metrics or {}).get("n_good", 0) + (metrics or {}).get("n_defect", 0),
@@ -339,7 +382,6 @@ def register_fitted_bank(
             "metrics": {k: (metrics or {}).get(k) for k in METRIC_KEYS},
             "threshold": threshold,
             "gates": gate | {"production_metrics": production},
-            "registered_from": str(Path(bank_dir).resolve()),
             "status": "candidate" if gate["passed"] else "rejected",
             "promoted_at": None,
         }
