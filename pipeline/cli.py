@@ -28,16 +28,19 @@ from pipeline.evaluation.evaluate import default_method, evaluate
 from pipeline.evaluation.overlay import heatmap_overlay
 from pipeline.lifecycle.audit import AuditError
 from pipeline.lifecycle.fitting import Progress, extend_bank, fit_bank
-from pipeline.lifecycle.registry import RegistryError
+from pipeline.lifecycle.registry import NoEarlierBank, RegistryError
 from pipeline.patchcore.bank import BankError, load_bank
 
 from .cli_args import build_parser, preset_value
+from .cli_show import REGISTRY_VIEWS
 from .config import ConfigError, CoresetConfig, FeatureConfig, ScoringConfig, from_mapping
 
 #: Exit status for errors in what the user asked (not bugs).
 USER_ERROR = 2
 #: Exit status of ``predict`` when some inputs could not be read (the others are scored).
 PARTLY_FAILED = 1
+#: Exit status of ``rollback`` when there is no earlier production bank to return to.
+NOTHING_TO_ROLL_BACK = 1
 Command = Callable[[argparse.Namespace], dict[str, Any]]
 COMMANDS: dict[str, Command] = {}
 
@@ -235,18 +238,44 @@ def _register(args: argparse.Namespace) -> dict[str, Any]:
                                 batch_size=args.batch_size)
 
 
+@command("history")
+def _history(args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.lifecycle.registry import Registry
+
+    registry = Registry(args.registry)
+    return {"production": (registry.production() or {}).get("bank_id"), "entries": registry.history(args.bank)}
+
+
 @command("promote")
 def _promote(args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.lifecycle.registry import Registry
 
-    return Registry(args.registry).promote(args.bank)
+    return Registry(args.registry).promote(args.bank, by=args.by)
 
 
 @command("rollback")
 def _rollback(args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.lifecycle.registry import Registry
 
-    return Registry(args.registry).rollback()
+    return Registry(args.registry).rollback(by=args.by)
+
+
+@command("data")
+def _data(args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.data.restore import RestoreError, restore
+    from pipeline.lifecycle.registry import Registry
+
+    record = Registry(args.registry).record(args.bank)
+    data_hash, kind = record.get("data_hash"), record.get("data_hash_kind", "dvc-md5")
+    if not data_hash or kind != "dvc-md5" or not str(data_hash).endswith(".dir"):
+        raise ValueError(f"bank {record['bank_id']}'s training data was not tracked by DVC (data hash {data_hash}, "
+                         f"{kind}), so there is nothing to restore it from; `tracebank lineage {record['bank_id']} "
+                         "--json` lists its files with their sha256")
+    try:
+        done = restore(str(data_hash), Path(args.to), cache=Path(args.cache))
+    except RestoreError as exc:
+        raise ValueError(f"bank {record['bank_id']}: {exc}") from exc
+    return done | {"bank_id": record["bank_id"]}
 
 
 @command("audit")
@@ -293,41 +322,14 @@ def _print_human(name: str, result: dict[str, Any]) -> None:
         for item in result["skipped"]:
             print(f"skipped {item['path']}: {item['reason']}")
         return
-    if name == "lineage":
-        metrics = result.get("metrics") or {}
-        threshold = (result.get("threshold") or {}).get("value")
-        gates = result.get("gates") or {}
-        print(f"bank {result.get('bank_id')}  {result.get('status')}  created {result.get('created_at')}")
-        print(f"  data       {result.get('data_spec')}  hash {result.get('data_hash')}  "
-              f"({len(result.get('files') or [])} training images)")
-        dirty = "  (uncommitted changes)" if result.get("git_dirty") else ""
-        print(f"  code       commit {result.get('git_commit')}{dirty}")
-        print("  metrics    " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                         for k, v in metrics.items() if v is not None))
-        record = result.get("threshold") or {}
-        point = result.get("operating_point") or {}
-        chosen_on = record.get("chosen_on") or "test split"
-        print(f"  threshold  {threshold}  ({record.get('method')}, chosen on {chosen_on})")
-        parts = [f"{name} {point[key]:{spec}}" for key, name, spec in (
-            ("false_reject_rate", "false rejects", ".1%"), ("miss_rate", "misses", ".1%"), ("f1", "F1", ".3f"))
-            if point.get(key) is not None]
-        if parts:
-            print(f"  operating  {'  '.join(parts)}  on the test split")
-        print(f"  gates      {'passed' if gates.get('passed') else 'failed'} ({gates.get('defects', 'real')} defects)"
-              + "".join(f"\n  gate failed: {f}" for f in gates.get("failures", [])))
-        if result.get("promoted_at"):
-            print(f"  promoted   {result['promoted_at']} by {result.get('promoted_by')}")
-        print("  (--json for the whole record)")
+    if name in REGISTRY_VIEWS:
+        REGISTRY_VIEWS[name](result)
         return
     if name == "register":
         print(f"bank {result['bank_id']} registered as {result['status']} "
               f"(threshold {result['threshold']['value']:.4f}, {result['threshold']['method']})")
         for failure in result["gates"]["failures"]:
             print(f"  gate failed: {failure}")
-        return
-    if name in ("promote", "rollback"):
-        verb = "rolled back to" if name == "rollback" else "promoted"
-        print(f"{verb} {result['bank_id']}: now production (previous: {result.get('previous')})")
         return
     if name == "predict":
         for item in result["results"]:
@@ -366,6 +368,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `tracebank audit | head`: the reader has what it wanted
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silences the flush at exit
         return 0
+    except NoEarlierBank as exc:  # nothing to roll back to: refused, the registry is as it was
+        if getattr(args, "json", False):
+            print(json.dumps({"error": str(exc)}))
+        else:
+            print(f"tracebank {args.command}: {exc}", file=sys.stderr)
+        return NOTHING_TO_ROLL_BACK
     except (DatasetError, BankError, ConfigError, ImageError, FileNotFoundError, ValueError, RegistryError,
             AuditError) as exc:
         if getattr(args, "json", False):

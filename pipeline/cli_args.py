@@ -82,14 +82,28 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     ad.add_argument("--quarantine", default="quarantine", help="where files that fail validation go, with reasons")
     ad.add_argument("--params", default="params.yaml", help="its validation section is applied to the new files")
     ad.add_argument("--json", action="store_true")
-    for name, text in (("banks", "list banks with their status"), ("lineage", "lineage record of a bank"),
+    for name, text in (("banks", "list banks with their status"),
+                       ("lineage", "a bank's record at registration and what followed (evaluations, promotions)"),
+                       ("history", "the promotion log: who made which bank production, when and why"),
                        ("promote", "make a bank that passed its gates the production bank"),
-                       ("rollback", "return to the previous production bank")):
+                       ("rollback", "return to the previous production bank that differs from the current one")):
         p = sub.add_parser(name, help=text)
         if name in ("lineage", "promote"):
             p.add_argument("bank", help="bank id, unique prefix, or 'production'")
+        if name == "history":
+            p.add_argument("bank", nargs="?", help="only entries to or from this bank")
+        if name in ("promote", "rollback"):
+            p.add_argument("--by", help="who is acting, for the log (default: your user name)")
         p.add_argument("--registry", default="banks")
         p.add_argument("--json", action="store_true")
+    da = sub.add_parser("data", help="the versioned training data behind banks")
+    data_sub = da.add_subparsers(dest="data_command", required=True)
+    rs = data_sub.add_parser("restore", help="materialise a bank's exact training data from the DVC cache")
+    rs.add_argument("bank", help="bank id, unique prefix, or 'production'")
+    rs.add_argument("--to", required=True, help="a new (or empty) folder to write the data into")
+    rs.add_argument("--cache", default=".dvc/cache", help="the DVC cache (default .dvc/cache)")
+    rs.add_argument("--registry", default="banks")
+    rs.add_argument("--json", action="store_true")
     rg = sub.add_parser("register", help="register a bank fitted with `tracebank fit`, gated, so it can be promoted")
     rg.add_argument("bank_dir")
     rg.add_argument("--data", help="evaluate and set the threshold on this spec's test split (required if the bank "

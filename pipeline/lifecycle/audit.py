@@ -243,19 +243,26 @@ def decisions_with_lineage(
 
     if "://" not in db and not Path(db).is_file():
         raise FileNotFoundError(f"audit database {db} does not exist; pass --db (the service's TRACEBANK_AUDIT_DB)")
+    import bisect
+
+    from .ledger import to_time
+
     registry = Registry(registry_root)
-    lineages: dict[str, dict[str, Any]] = {}
+    # the record as it was when the decision was made: the bank's own record never changes,
+    # its status and promotion come from the promotion log up to the decision's time
+    moves = [to_time(e["time"]) for e in registry.promotions()]
+    lineages: dict[tuple[str, int], dict[str, Any]] = {}
     log = AuditLog(db)
     try:
         for decision in log.query(part_id=part_id, bank_id=bank_id, since=since, limit=limit):
-            if decision.bank_id not in lineages:
+            key = (decision.bank_id, bisect.bisect_right(moves, to_time(decision.time)))
+            if key not in lineages:
                 try:
-                    record = registry.lineage(decision.bank_id)
-                    lineages[decision.bank_id] = {k: record.get(k) for k in LINEAGE_FIELDS} | {
-                        "metrics": record.get("metrics")}
+                    record = registry.lineage(decision.bank_id, at=decision.time)
+                    lineages[key] = {k: record.get(k) for k in LINEAGE_FIELDS} | {"metrics": record.get("metrics")}
                 except RegistryError:
-                    lineages[decision.bank_id] = {"status": f"not in registry {registry_root}"}
-            yield decision.as_json() | {"lineage": lineages[decision.bank_id]}
+                    lineages[key] = {"status": f"not in registry {Path(registry_root).name}"}
+            yield decision.as_json() | {"lineage": lineages[key]}
     finally:
         log.dispose()
 

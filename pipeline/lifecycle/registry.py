@@ -56,6 +56,10 @@ class RegistryError(RuntimeError):
     """A registry operation was refused; the message says why and what to do."""
 
 
+class NoEarlierBank(RegistryError):
+    """A rollback found no earlier production bank that differs from the current one."""
+
+
 class RegistryBusy(RegistryError):
     """Another process holds the registry (or a training run) and did not let go in time."""
 
@@ -393,10 +397,10 @@ class Registry:
         with self.locked():
             current = self.production()
             if current is None:
-                raise RegistryError("there is no production bank to roll back from")
+                raise NoEarlierBank("there is no production bank to roll back from")
             previous = next((b for b in current["history"] if b != current["bank_id"]), None)
             if previous is None:
-                raise RegistryError(f"there is no previous production bank to roll back to: "
+                raise NoEarlierBank(f"there is no previous production bank to roll back to: "
                                     f"{current['bank_id']} is the only bank that has been production")
             try:
                 read_manifest(self.root / previous)

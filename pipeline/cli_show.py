@@ -1,0 +1,82 @@
+"""How ``tracebank`` prints the registry's answers (``lineage``, ``history``, ``promote``,
+``rollback``, ``data restore``) for a person; ``--json`` prints the same data whole."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+
+def show_lineage(result: dict[str, Any]) -> None:
+    metrics = result.get("metrics") or {}
+    threshold = (result.get("threshold") or {}).get("value")
+    gates = result.get("gates") or {}
+    print(f"bank {result.get('bank_id')}  {result.get('status')}  created {result.get('created_at')}")
+    kind = result.get("data_hash_kind") or "dvc-md5"
+    print(f"  data       {result.get('data_spec')}  hash {result.get('data_hash')} ({kind})  "
+          f"({len(result.get('files') or [])} training images)")
+    dirty = "  (uncommitted changes)" if result.get("git_dirty") else ""
+    print(f"  code       commit {result.get('git_commit')}{dirty}")
+    print("  metrics    " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                     for k, v in metrics.items() if v is not None))
+    record = result.get("threshold") or {}
+    point = result.get("operating_point") or {}
+    chosen_on = record.get("chosen_on") or "test split"
+    print(f"  threshold  {threshold}  ({record.get('method')}, chosen on {chosen_on})")
+    parts = [f"{name} {point[key]:{spec}}" for key, name, spec in (
+        ("false_reject_rate", "false rejects", ".1%"), ("miss_rate", "misses", ".1%"), ("f1", "F1", ".3f"))
+        if point.get(key) is not None]
+    if parts:
+        print(f"  operating  {'  '.join(parts)}  on the test split")
+    print(f"  gates      {'passed' if gates.get('passed') else 'failed'} ({gates.get('defects', 'real')} defects)"
+          + "".join(f"\n  gate failed: {f}" for f in gates.get("failures", [])))
+    if result.get("promoted_at"):
+        print(f"  promoted   {result['promoted_at']} by {result.get('promoted_by')}")
+    evaluations = result.get("evaluations") or []
+    if evaluations:
+        print(f"  later      {len(evaluations)} evaluation(s) of this bank (its record above is unchanged):")
+    for event in evaluations:
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in (event.get("metrics") or {}).items()
+                          if k in ("image_auroc", "pro") and isinstance(v, float))
+        print(f"    {event['time']}  gates {'passed' if event.get('gates_passed') else 'failed'}  "
+              f"data {event.get('data_hash')}  {shown}"
+              + "".join(f"\n      gate failed: {f}" for f in (event.get("gates") or {}).get("failures", [])))
+    print("  history")
+    for event in result.get("history") or []:
+        extra = "".join(f"  {k} {event[k]}" for k in ("by", "reason", "from", "model_tag") if event.get(k))
+        print(f"    {event['time']}  {event['event']}{extra}")
+    print("  (--json for the whole record)")
+
+
+def show_history(result: dict[str, Any]) -> None:
+    entries = result["entries"]
+    if not entries:
+        print("no promotions yet")
+    for e in entries:
+        print(f"{e.get('seq')}  {e['time']}  {e.get('from') or '-'} -> {e['to']}  {e.get('reason')}  "
+              f"by {e.get('user')}")
+    if result["production"]:
+        print(f"production: {result['production']}")
+
+
+def show_restore(result: dict[str, Any]) -> None:
+    print(f"restored {result['files']} file(s) of bank {result['bank_id']}'s training data (DVC hash "
+          f"{result['data_hash']}) into {result['to']}")
+
+
+def show_promote(result: dict[str, Any]) -> None:
+    if result.get("unchanged"):
+        print(f"{result['bank_id']} is already the production bank (since {result['promoted_at']}, by "
+              f"{result.get('promoted_by')}): nothing changed")
+        return
+    print(f"promoted {result['bank_id']}: now production (previous: {result.get('previous')})")
+
+
+def show_rollback(result: dict[str, Any]) -> None:
+    print(f"rolled back to {result['bank_id']}: now production (previous: {result.get('previous')})")
+
+
+REGISTRY_VIEWS: dict[str, Callable[[dict[str, Any]], None]] = {
+    "lineage": show_lineage, "history": show_history, "data": show_restore, "promote": show_promote,
+    "rollback": show_rollback,
+}
