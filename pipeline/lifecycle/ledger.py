@@ -199,3 +199,25 @@ def replay(log: list[dict[str, Any]]) -> dict[str, Any] | None:
             "rolled_back": rolled_back, "seq": last.get("seq")}
 
 
+
+
+def log_from_pointer(path: Path, log_name: str) -> list[dict[str, Any]]:
+    """A production pointer written before the promotion log, as log entries: its history,
+    oldest first, then the bank it names."""
+    if not path.is_file():
+        return []
+    try:
+        pointer = json.loads(path.read_text())
+        chain = [str(b) for b in reversed(pointer.get("history") or [])] + [str(pointer["bank_id"])]
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise LedgerError(f"{path} is not a production pointer ({exc}); `tracebank promote --force BANK` "
+                          "writes a new one") from exc
+    entries, previous = [], None
+    for seq, bank_id in enumerate(chain, 1):
+        last = seq == len(chain)
+        when = (pointer.get("promoted_at") if last else None) or "1970-01-01T00:00:00+00:00"
+        entries.append({"seq": seq, "time": when,
+                        "user": pointer.get("promoted_by") if last else None, "from": previous, "to": bank_id,
+                        "reason": "manual", "note": f"from {path.name} (written before {log_name})"})
+        previous = bank_id
+    return entries

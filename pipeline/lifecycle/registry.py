@@ -37,6 +37,7 @@ from typing import Any
 
 from pipeline.patchcore.bank import BankError, read_manifest, write_json_atomic
 
+from . import ledger
 from .ledger import Busy, FileLock, LedgerError, append_jsonl, now, read_jsonl, replay, to_time, user_name
 
 POINTER = "PRODUCTION.json"
@@ -136,23 +137,10 @@ class Registry:
 
     def _log_from_pointer(self) -> list[dict[str, Any]]:
         """A registry written before the log: its pointer's history as log entries."""
-        path = self.root / POINTER
-        if not path.is_file():
-            return []
         try:
-            pointer = json.loads(path.read_text())
-            chain = [str(b) for b in reversed(pointer.get("history") or [])] + [str(pointer["bank_id"])]
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-            raise RegistryError(f"{path} is not a production pointer ({exc}); `tracebank promote --force BANK` "
-                                "writes a new one") from exc
-        entries, previous = [], None
-        for seq, bank_id in enumerate(chain, 1):
-            time_ = pointer.get("promoted_at") if seq == len(chain) else None
-            entries.append({"seq": seq, "time": time_ or "1970-01-01T00:00:00+00:00", "user": pointer.get(
-                "promoted_by") if seq == len(chain) else None, "from": previous, "to": bank_id,
-                "reason": "manual", "note": f"from {POINTER} (written before {LOG})"})
-            previous = bank_id
-        return entries
+            return ledger.log_from_pointer(self.root / POINTER, LOG)
+        except LedgerError as exc:
+            raise RegistryError(str(exc)) from exc
 
     def production(self, at: str | dt.datetime | None = None) -> dict[str, Any] | None:
         """The production pointer (now, or as it was at time ``at``), or None."""
