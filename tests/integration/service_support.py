@@ -36,7 +36,7 @@ registry = Registry(registry_root)
 lineage = {"data_spec": "mtd (test subset)", "metrics": metrics,
            "gates": check_gates(metrics, GateConfig(image_auroc_min=0.5, pro_min=0.0, pixel_auroc_min=0.5))}
 bank_id = registry.register(bank_dir, lineage)
-registry.set_fields(bank_id, model_tag=save_to_store(registry.bank_dir(bank_id), registry.lineage(bank_id)))
+registry.record_packaged(bank_id, save_to_store(registry.bank_dir(bank_id), registry.lineage(bank_id)))
 print(bank_id)
 """
 
