@@ -3,8 +3,10 @@
 ``synthetic:folder:good`` (or ``synthetic:mvtec:data``, ``synthetic:mtd:PATH``, ...) reads the
 dataset named by SPEC and replaces its test split by good images plus one synthetic defective
 copy of each (see :mod:`pipeline.data.synthetic`), with exact masks. The good images are the
-source's good test images when it has some; otherwise a seeded ``holdout`` fraction of its good
-training images, which then leave the training set. Real defective test images are never used.
+source's good test images when it has some; otherwise about a ``holdout`` share of its good
+training images, chosen by a seeded hash of each file name (so new images never move earlier
+ones into the test split), which then leave the training set. Real defective test images are
+never used.
 
 The defective copies are written as PNG files with their masks, in the MVTec layout, under
 ``synthetic/<key>`` in :func:`pipeline.config.cache_root`; ``key`` hashes the generator settings
@@ -17,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import shutil
 import tempfile
 from pathlib import Path
@@ -80,19 +81,45 @@ def synthetic_dataset(source: Dataset, config: SyntheticConfig, cache: str | Pat
     return Dataset(f"{PREFIX}{source.spec}", train, good + defects, synthetic=record)
 
 
+def holdout_draw(path: str, seed: int) -> float:
+    """A number in [0, 1) fixed by the file's name and the synthetic seed alone.
+
+    Note:
+        The salt (``synthetic-holdout:<seed>:``) keeps these draws independent of
+        :func:`pipeline.data.datasets.calibration_draw`, which hashes the bare name, so the
+        synthetic test split and the calibration split do not pick the same images.
+    """
+    salted = f"synthetic-holdout:{seed}:{Path(path).name}"
+    return int(hashlib.sha256(salted.encode()).hexdigest()[:12], 16) / 16**12
+
+
 def _split(source: Dataset, config: SyntheticConfig) -> tuple[list[Sample], list[Sample], str]:
+    """Training images, the good images to build defects on, and where those came from.
+
+    When the source has no good test images, a good training image is held out when its
+    :func:`holdout_draw` is below ``config.holdout`` (so ``holdout`` is the expected share);
+    when that picks fewer than 2, the 2 lowest draws are held out. Either way an image's fate
+    depends on its own name, and on other images only through having a lower draw, so adding
+    images never moves an earlier training image into the test split. Only when every image
+    draws below the share does the highest draw stay in training, so that one is left.
+    """
     good_test = [s for s in source.test if s.label == 0]
     if good_test:
         return list(source.train), good_test, "test split"
-    shuffled = list(source.train)
-    random.Random(config.seed).shuffle(shuffled)
-    n_hold = max(2, round(len(shuffled) * config.holdout))
-    if len(shuffled) - n_hold < 1:
-        raise DatasetError(f"{PREFIX}{source.spec}: {len(shuffled)} good image(s) cannot be split into training "
-                           f"and a hold-out of {n_hold} for synthetic defects; add good images")
-    held = set(s.path for s in shuffled[:n_hold])
-    return ([s for s in source.train if s.path not in held], [s for s in source.train if s.path in held],
-            f"{n_hold} of {len(shuffled)} good training images held out (synthetic.holdout {config.holdout})")
+    train = list(source.train)
+    if len(train) < 3:
+        raise DatasetError(f"{PREFIX}{source.spec}: {len(train)} good image(s) cannot be split into training "
+                           "and a hold-out of 2 for synthetic defects; add good images")
+    draws = {s.path: holdout_draw(s.path, config.seed) for s in train}
+    ranked = sorted(draws, key=lambda p: (draws[p], p))
+    held = {p for p, d in draws.items() if d < config.holdout}
+    if len(held) < 2:
+        held = set(ranked[:2])
+    if len(held) == len(ranked):
+        held.discard(ranked[-1])
+    return ([s for s in train if s.path not in held], [s for s in train if s.path in held],
+            f"{len(held)} of {len(train)} good training images held out by a hash of their names "
+            f"(synthetic.holdout {config.holdout}, seed {config.seed})")
 
 
 def _key(config: SyntheticConfig, paths: list[str]) -> str:
