@@ -76,6 +76,7 @@ def decode_image(
                     "send one still frame"
                 )
             image.load()
+            return _to_uint8(image, source)  # conversion decodes some damaged files further
     except ImageError:
         raise
     except UnidentifiedImageError as exc:
@@ -85,9 +86,8 @@ def decode_image(
         ) from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"{source}: refused as a decompression bomb ({exc})") from exc
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageError(f"{source}: the image is truncated or corrupt ({exc})") from exc
-    return _to_uint8(image, source)
+    except Exception as exc:  # Pillow's plugins raise OSError, SyntaxError, TypeError, struct.error ... on damage
+        raise ImageError(f"{source}: the image is truncated or corrupt ({type(exc).__name__}: {exc})") from exc
 
 
 def _to_uint8(image: Image.Image, source: str) -> np.ndarray:

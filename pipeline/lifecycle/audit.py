@@ -219,7 +219,9 @@ def _reason(exc: SQLAlchemyError) -> str:
 #: Columns of a decision in ``tracebank audit`` output, then ``bank_`` + each lineage field.
 AUDIT_FIELDS = ("time", "request_id", "part_id", "bank_id", "score", "decision", "threshold",
                 "input_sha256", "width", "height", "latency_ms")
-LINEAGE_FIELDS = ("status", "data_hash", "data_spec", "git_commit", "created_at", "promoted_at", "model_tag")
+#: ``status`` is the bank's status when the decision was made, ``status_now`` its status today.
+LINEAGE_FIELDS = ("status", "status_now", "data_hash", "data_spec", "git_commit", "created_at", "promoted_at",
+                  "model_tag")
 
 
 def decisions_with_lineage(
@@ -259,6 +261,7 @@ def decisions_with_lineage(
             if key not in lineages:
                 try:
                     record = registry.lineage(decision.bank_id, at=decision.time)
+                    record["status_now"] = registry.status(decision.bank_id)
                     lineages[key] = {k: record.get(k) for k in LINEAGE_FIELDS} | {"metrics": record.get("metrics")}
                 except RegistryError:
                     lineages[key] = {"status": f"not in registry {Path(registry_root).name}"}

@@ -172,7 +172,9 @@ def test_inbox_to_served_bank_in_one_scheduled_run(tmp_path, elpv_mono):
                                              *common).stdout.splitlines()]
     assert [r["bank_id"] for r in rows] == [old_bank, new_bank]
     assert rows[0]["lineage"]["data_hash"] != rows[1]["lineage"]["data_hash"]
-    assert rows[1]["lineage"]["status"] == "production" and rows[0]["lineage"]["status"] == "retired"
+    # each decision joins its bank's record as it was then, and says what the bank is now
+    assert rows[0]["lineage"]["status"] == rows[1]["lineage"]["status"] == "production"
+    assert rows[0]["lineage"]["status_now"] == "retired" and rows[1]["lineage"]["status_now"] == "production"
 
     diff = json.loads(run(project, str(BIN / "dvc"), "diff", "--json", "--targets", "data").stdout)
     assert sorted(Path(entry["path"]).name for entry in diff["added"]) == sorted(Path(p).name for p in fresh)

@@ -108,8 +108,11 @@ def test_lineage_names_the_data_hash_dvc_reports(flow_project):
 def test_gate_failure_leaves_production_unchanged(flow_project):
     project, _ = flow_project
     before = production(project)
+    files_before = _tree_sha256(project / "banks" / before)
     params = yaml.safe_load((project / "params.yaml").read_text())
-    strict = dict(params, gates=dict(params["gates"], image_auroc_min=0.999))
+    # another coreset, so the candidate is a bank of its own, and a gate it cannot pass
+    strict = dict(params, gates=dict(params["gates"], image_auroc_min=0.999),
+                  coreset=dict(params["coreset"], ratio=0.04))
     (project / "params-strict.yaml").write_text(yaml.safe_dump(strict))
     code = (
         "from flows.train import train; import json; "
@@ -117,10 +120,19 @@ def test_gate_failure_leaves_production_unchanged(flow_project):
     )
     outcome = json.loads(run(project, sys.executable, "-c", code).stdout.strip().splitlines()[-1])
     assert outcome["status"] == "rejected" and outcome["gates"]["failures"]
+    assert outcome["bank_id"] != before
     assert production(project) == before
     refused = run(project, str(BIN / "tracebank"), "promote", outcome["bank_id"], check=False)
     assert refused.returncode == 2 and "cannot be promoted" in refused.stderr
     assert production(project) == before
+    assert _tree_sha256(project / "banks" / before) == files_before  # every file, byte for byte
+
+
+def _tree_sha256(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_interrupted_promotion_keeps_a_complete_production_bank(flow_project):
@@ -149,7 +161,8 @@ def test_validation_stops_broken_data_before_training(tmp_path):
     proc = run(project, sys.executable, "-m", "flows.train", check=False)
     assert proc.returncode == 1
     assert "99999_empty.png" in proc.stderr and "99998_copy.png" in proc.stderr
-    assert not (project / "banks").exists() or not any((project / "banks").iterdir())
+    # no bank (the run's lock file may be there)
+    assert not (project / "banks").exists() or not [p for p in (project / "banks").iterdir() if p.name != ".run.lock"]
     assert not (project / "runs" / "flow" / "features").exists()
     assert list((project / "runs" / "flow" / "validate").glob("**/index.html"))  # Data Docs written
 

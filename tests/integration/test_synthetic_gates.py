@@ -1,9 +1,9 @@
 """A line with good images only: the Prefect flow gates its banks on synthetic defects.
 
 60 good magnetic tiles are imported as ``folder:`` data (no test split, no defect pictures);
-``data: synthetic:mvtec:data`` holds out 12 of them and gives each a synthetic defect. A bank on
-ImageNet weights passes the floors (its threshold is chosen on good calibration tiles) and is
-promoted; a bank on random weights (what a broken
+``data: synthetic:mvtec:data`` holds out about a fifth of them (by a hash of each name) and
+gives each a synthetic defect. A bank on ImageNet weights passes the floors (its threshold is
+chosen on good calibration tiles) and is promoted; a bank on random weights (what a broken
 weights file gives) fails them, is registered as rejected and production stays as it was.
 """
 
@@ -62,13 +62,20 @@ def test_a_good_only_line_is_gated_on_synthetic_defects_and_a_broken_bank_is_not
     evaluation_set = lineage["evaluation_set"]
     assert evaluation_set["synthetic"] is True and evaluation_set["seed"] == 0
     assert evaluation_set["settings"]["families"] == ["cutpaste", "blob", "scratch"]
-    assert evaluation_set["n_good"] == 12 and evaluation_set["n_defects"] == 12
+    # held out: the tiles whose salted name hash draws below synthetic.holdout (0.2), one defect each
+    from pipeline.data.synthetic_set import holdout_draw
+
+    imported = sorted((project / "data" / "train" / "good").iterdir())
+    held = [p for p in imported if holdout_draw(str(p), 0) < 0.2]
+    assert len(imported) == 60 and 0 < len(held) < 60
+    assert evaluation_set["n_good"] == evaluation_set["n_defects"] == len(held)
     # the threshold comes from good calibration tiles' scores, not from the synthetic defects
     threshold = lineage["threshold"]
     assert threshold["method"] == "nominal_quantile_0.99"
     n_calibration = int(threshold["chosen_on"].split("(")[1].split(" good")[0])
     assert threshold["chosen_on"] == f"calibration split ({n_calibration} good, 0 defective)" and n_calibration >= 1
-    assert len(lineage["files"]) == 48 - n_calibration  # neither the 12 test tiles nor those are in the bank
+    assert {Path(f["path"]).name for f in lineage["files"]}.isdisjoint(p.name for p in held)
+    assert len(lineage["files"]) == 60 - len(held) - n_calibration  # neither the test tiles nor those are in it
     gates = lineage["gates"]
     assert gates["passed"] and gates["defects"] == "synthetic"
     assert {c["name"] for c in gates["checks"]} >= {"synthetic image_auroc >= 0.8", "synthetic pro >= 0.6"}
