@@ -330,3 +330,28 @@ def test_a_bento_carries_its_bank_to_an_empty_machine(server, project, tmp_path)
     with sqlite3.connect(audit) as conn:
         assert conn.execute("SELECT bank_id, part_id FROM decisions").fetchall() == [(production, "4711")]
     assert not list((home / "bentoml").rglob("*.sqlite")), "the audit database landed in the Bento store"
+
+
+def test_a_painted_defect_is_rejected_and_its_clean_tile_passed_by_the_service_and_the_cli(server, project,
+                                                                                           tmp_path):
+    """The decision's direction, against a case a person can judge: a tile the bank was fitted on
+    is good, the same tile with a dark and a bright square painted on it is anomalous, through
+    `/predict` and `tracebank predict` alike, at the bank's own threshold."""
+    root, bank = project["root"], project["a"]
+    manifest = json.loads((root / "banks" / bank / "manifest.json").read_text())
+    trained = Path(manifest["training"]["files"][0]["path"])
+    tile = np.asarray(Image.open(trained).convert("L")).copy()
+    h, w = tile.shape
+    clean, painted = tmp_path / "clean.png", tmp_path / "painted.png"
+    clean.write_bytes(png(tile))
+    tile[h // 3 : h // 3 + h // 6, w // 3 : w // 3 + w // 6] = 0
+    tile[h // 2 : h // 2 + h // 8, w // 6 : w // 6 + w // 8] = 255
+    painted.write_bytes(png(tile))
+    with httpx.Client() as client:
+        answers = [server.predict(client, p, f"paint-{i}").json() for i, p in enumerate((clean, painted))]
+    assert [a["decision"] for a in answers] == ["good", "anomalous"]
+    assert answers[0]["score"] < answers[0]["threshold"] <= answers[1]["score"]
+    cli = json.loads(run(root, str(BIN / "tracebank"), "predict", bank, str(clean), str(painted),
+                         "--registry", str(root / "banks"), "--json", "--quiet"))
+    assert [r["decision"] for r in cli["results"]] == ["good", "anomalous"]
+    assert [r["score"] for r in cli["results"]] == pytest.approx([a["score"] for a in answers], rel=1e-4)
