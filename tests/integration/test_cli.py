@@ -178,6 +178,12 @@ def test_a_cli_fitted_bank_is_registered_promoted_and_predicts_as_production(ban
     assert calibrated["threshold"]["method"] == "f1_optimal" and calibrated["threshold"]["value"] > 0
     lineage = json.loads(tracebank("lineage", calibrated["bank_id"], "--registry", str(registry), "--json").stdout)
     assert lineage["gates"]["production_metrics"]["image_auroc"] is not None  # compared on the same images
+    # outside DVC, the data hash is of the training files' names and bytes, and says so
+    import hashlib
+
+    rows = sorted([p.name, hashlib.sha256(p.read_bytes()).hexdigest()] for p in (root / "train" / "good").iterdir())
+    assert lineage["data_hash_kind"] == "files-sha256"
+    assert lineage["data_hash"] == hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()
 
 
 def test_fit_extend_adds_only_the_new_images_and_keeps_the_parent_bank(elpv_mono, tmp_path):
