@@ -23,7 +23,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -33,15 +33,14 @@ from pipeline.data.synthetic import SyntheticConfig
 from pipeline.data.synthetic_set import describe as describe_eval_set
 from pipeline.data.synthetic_set import is_synthetic
 from pipeline.data.validation import ValidationConfig, ValidationResult, validate_samples
-from pipeline.evaluation.evaluate import default_method, evaluate
 from pipeline.patchcore.bank import update_manifest
-from pipeline.patchcore.features import FeatureExtractor
-from pipeline.patchcore.model import PatchCore
 
 from .gates import GateConfig, check_gates
 from .registry import Registry, write_json_atomic
 from .retrain import RetrainConfig
-from .stages import FeatureStore, extract_features, training_record
+
+if TYPE_CHECKING:  # torch, timm, faiss, scikit-learn load in the steps using them, not for a run with nothing to do
+    from pipeline.patchcore.model import PatchCore
 
 
 class ValidationFailed(RuntimeError):
@@ -123,6 +122,9 @@ def validate_step(dataset: Dataset, config: ValidationConfig, work: Path) -> Val
 
 
 def extract_step(dataset: Dataset, params: Params, work: Path, on_batch: Any = None) -> dict[str, Any]:
+    from pipeline.lifecycle.stages import extract_features
+    from pipeline.patchcore.features import FeatureExtractor
+
     start = time.perf_counter()
     target = work / "features"
     shutil.rmtree(target, ignore_errors=True)
@@ -134,7 +136,9 @@ def extract_step(dataset: Dataset, params: Params, work: Path, on_batch: Any = N
 
 def coreset_step(params: Params, work: Path, spec: str, on_centres: Any = None) -> dict[str, Any]:
     """Select the memory bank from the stored features and save it as ``work/candidate``."""
+    from pipeline.lifecycle.stages import FeatureStore, training_record
     from pipeline.patchcore.bank import save_bank
+    from pipeline.patchcore.model import PatchCore
 
     start = time.perf_counter()
     store = FeatureStore.open(work / "features")
@@ -151,6 +155,7 @@ def evaluate_step(dataset: Dataset, work: Path, params: Params, on_batch: Any = 
                   metrics_dir: Path | None = None) -> dict[str, Any]:
     """Metrics, threshold, curves and the HTML report of the candidate bank; ``metrics.json``
     and ``plots/*.csv`` go to ``metrics_dir`` (default ``work``)."""
+    from pipeline.evaluation.evaluate import evaluate
     from pipeline.evaluation.report import write_report
     from pipeline.patchcore.bank import load_bank
 
@@ -180,6 +185,7 @@ def threshold_settings(model: PatchCore, params: Params, dataset: Dataset) -> tu
     """The threshold arguments of :func:`~pipeline.evaluation.evaluate.evaluate` on ``dataset``'s
     test split, and which images the threshold is chosen on: the calibration split (scored
     here) when it has what ``threshold.method`` needs, else the test split itself."""
+    from pipeline.evaluation.evaluate import evaluate
     method, target = params.threshold.method, params.threshold.target_false_reject
     calibration = dataset.calibration
     usable = any(s.label == 0 for s in calibration) and (method == "nominal" or any(s.label == 1 for s in calibration))
@@ -194,6 +200,7 @@ def threshold_settings(model: PatchCore, params: Params, dataset: Dataset) -> tu
 def production_metrics(registry: Registry, dataset: Dataset, params: Params) -> dict[str, Any] | None:
     """Metrics of the production bank on the same evaluation set (re-evaluated, so the
     comparison is on identical images), or None when there is no production bank."""
+    from pipeline.evaluation.evaluate import evaluate
     from pipeline.patchcore.bank import load_bank
 
     pointer = registry.production()
@@ -340,6 +347,7 @@ def register_fitted_bank(
     Raises:
         ValueError: if the bank has no threshold and no ``data`` was given.
     """
+    from pipeline.evaluation.evaluate import default_method, evaluate
     from pipeline.patchcore.bank import load_bank, read_manifest
 
     manifest = read_manifest(bank_dir)

@@ -15,11 +15,11 @@ import hashlib
 import importlib
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import timm
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch and timm load on first use: the registry and the scheduled flow hash files only
+    import torch
+    from torch import nn
 
 #: The offline weight packages and the timm entries their (TensorFlow-ported) weights fit.
 PACKAGED_WEIGHTS = {
@@ -87,6 +87,8 @@ def packaged_weights_path(name: str) -> Path:
 
 
 def _read_state_dict(path: Path) -> OrderedDict[str, torch.Tensor]:
+    import torch
+
     if not path.is_file():
         raise BackboneError(f"weights file {path} does not exist")
     try:
@@ -149,6 +151,8 @@ def load_backbone(name: str, levels: tuple[int, ...], weights: str = "default") 
     Raises:
         BackboneError: unknown model, bad levels, or weights that do not load.
     """
+    import timm
+
     if name not in timm.list_models():
         raise BackboneError(f"unknown timm backbone {name!r}; see timm.list_models()")
     use_hub = weights == "hub"

@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -26,8 +26,9 @@ from pipeline import __version__
 from pipeline.config import CoresetConfig, FeatureConfig, ScoringConfig, from_mapping, to_dict
 
 from .backbone import packaged_weights_path, sha256_file
-from .index import NNIndex
-from .model import PatchCore
+
+if TYPE_CHECKING:  # the model (torch, faiss) loads with a bank, not to read or verify a manifest
+    from .model import PatchCore
 
 FORMAT = "tracebank-bank/2"
 #: Formats this version reads: /1 banks hashed machine-specific paths into their id (kept
@@ -239,6 +240,9 @@ def load_bank(
     Returns:
         The fitted model and its manifest.
     """
+    from .index import NNIndex
+    from .model import PatchCore
+
     directory = Path(directory)
     manifest = read_manifest(directory)
     params = manifest["params"]
