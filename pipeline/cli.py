@@ -16,7 +16,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
@@ -29,10 +28,11 @@ from pipeline.evaluation.overlay import heatmap_overlay
 from pipeline.lifecycle.audit import AuditError
 from pipeline.lifecycle.fitting import Progress, extend_bank, fit_bank
 from pipeline.lifecycle.registry import NoEarlierBank, RegistryError
+from pipeline.lifecycle.service_reload import ReloadFailed, reload_service
 from pipeline.patchcore.bank import BankError, load_bank
 
 from .cli_args import build_parser, preset_value
-from .cli_show import REGISTRY_VIEWS
+from .cli_show import REGISTRY_VIEWS, json_default
 from .config import ConfigError, CoresetConfig, FeatureConfig, ScoringConfig, from_mapping
 
 #: Exit status for errors in what the user asked (not bugs).
@@ -250,14 +250,21 @@ def _history(args: argparse.Namespace) -> dict[str, Any]:
 def _promote(args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.lifecycle.registry import Registry
 
-    return Registry(args.registry).promote(args.bank, by=args.by)
+    return _told(args, Registry(args.registry).promote(args.bank, by=args.by))
 
 
 @command("rollback")
 def _rollback(args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.lifecycle.registry import Registry
 
-    return Registry(args.registry).rollback(by=args.by)
+    return _told(args, Registry(args.registry).rollback(by=args.by))
+
+
+def _told(args: argparse.Namespace, result: dict[str, Any]) -> dict[str, Any]:
+    """With ``--reload-url``: the running service switched to the new production bank."""
+    if args.reload_url and not result.get("unchanged"):
+        result["reload"] = reload_service(args.reload_url, result["bank_id"])
+    return result
 
 
 @command("data")
@@ -294,7 +301,7 @@ def _audit(args: argparse.Namespace) -> dict[str, Any]:
     count = 0
     for row in rows:
         if writer is None:
-            print(json.dumps(row, default=_json_default))
+            print(json.dumps(row, default=json_default))
         else:
             writer.writerow([row[k] for k in AUDIT_FIELDS] + [row["lineage"].get(k) for k in LINEAGE_FIELDS])
         count += 1
@@ -353,14 +360,6 @@ def _print_human(name: str, result: dict[str, Any]) -> None:
         print(f"{key:12s} {value:.1f}")
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser(__doc__.splitlines()[0].replace("``", "")).parse_args(argv)
     try:
@@ -375,7 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"tracebank {args.command}: {exc}", file=sys.stderr)
         return NOTHING_TO_ROLL_BACK
     except (DatasetError, BankError, ConfigError, ImageError, FileNotFoundError, ValueError, RegistryError,
-            AuditError) as exc:
+            AuditError, ReloadFailed) as exc:
         if getattr(args, "json", False):
             print(json.dumps({"error": str(exc)}))
         else:
@@ -385,7 +384,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0  # rows were streamed as they were read
     unread = args.command == "predict" and any("error" in item for item in result["results"])
     if getattr(args, "json", False):
-        print(json.dumps(result, default=_json_default))
+        print(json.dumps(result, default=json_default))
     else:
         _print_human(args.command, result)
     return PARTLY_FAILED if unread else 0

@@ -94,6 +94,8 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
             p.add_argument("bank", nargs="?", help="only entries to or from this bank")
         if name in ("promote", "rollback"):
             p.add_argument("--by", help="who is acting, for the log (default: your user name)")
+            p.add_argument("--reload-url", metavar="URL", help="then POST URL/reload so the running service "
+                           "switches (token from TRACEBANK_ADMIN_TOKEN); exits 2 if it does not")
         p.add_argument("--registry", default="banks")
         p.add_argument("--json", action="store_true")
     da = sub.add_parser("data", help="the versioned training data behind banks")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 
@@ -70,10 +71,29 @@ def show_promote(result: dict[str, Any]) -> None:
               f"{result.get('promoted_by')}): nothing changed")
         return
     print(f"promoted {result['bank_id']}: now production (previous: {result.get('previous')})")
+    _reloaded(result)
 
 
 def show_rollback(result: dict[str, Any]) -> None:
     print(f"rolled back to {result['bank_id']}: now production (previous: {result.get('previous')})")
+    _reloaded(result)
+
+
+def json_default(value: Any) -> Any:
+    """``json.dumps``'s ``default`` for the CLI's results: numpy scalars and paths."""
+    import numpy as np
+
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _reloaded(result: dict[str, Any]) -> None:
+    if "reload" in result:
+        print(f"the service switched: it now serves {result['reload']['bank_id']} "
+              f"(was {result['reload'].get('previous')})")
 
 
 REGISTRY_VIEWS: dict[str, Callable[[dict[str, Any]], None]] = {

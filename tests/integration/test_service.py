@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from pipeline.lifecycle.registry import Registry
-from tests.integration.service_support import BIN, TOKEN, Server, fit_and_register, png, run, running
+from tests.integration.service_support import BIN, TOKEN, Server, env_for, fit_and_register, png, run, running
 
 
 @pytest.fixture(scope="module")
@@ -355,3 +355,28 @@ def test_a_painted_defect_is_rejected_and_its_clean_tile_passed_by_the_service_a
                          "--registry", str(root / "banks"), "--json", "--quiet"))
     assert [r["decision"] for r in cli["results"]] == ["good", "anomalous"]
     assert [r["score"] for r in cli["results"]] == pytest.approx([a["score"] for a in answers], rel=1e-4)
+
+
+def test_promote_and_rollback_with_reload_url_switch_the_running_service(server, project):
+    root, registry = project["root"], Registry(project["root"] / "banks")
+    cli = [str(BIN / "tracebank")]
+    where = ["--registry", str(root / "banks"), "--reload-url", server.url]
+    run(root, *cli, "promote", project["b"], "--registry", str(root / "banks"))  # production B, maybe already
+
+    with httpx.Client() as client:
+        back = run(root, *cli, "rollback", *where)
+        now = registry.production()["bank_id"]
+        assert now != project["b"] and f"the service switched: it now serves {now}" in back
+        assert server.predict(client, project["good"][0], "after-rollback").json()["bank_id"] == now
+
+        # a service that refuses the reload: the registry moved, the command says the service did not
+        refused = subprocess.run([*cli, "promote", project["b"], *where], capture_output=True, text=True,
+                                 env=env_for(root, TRACEBANK_ADMIN_TOKEN="wrong"), cwd=root, timeout=300)
+        assert refused.returncode == 2
+        assert f"production is {project['b']} in the registry, but the service" in refused.stderr
+        assert "401" in refused.stderr and registry.production()["bank_id"] == project["b"]
+        assert server.predict(client, project["good"][0], "refused").json()["bank_id"] == now
+
+        again = json.loads(run(root, *cli, "rollback", *where, "--json"))
+        assert again["bank_id"] == now and again["reload"]["bank_id"] == now
+        assert server.predict(client, project["good"][0], "rolled-back").json()["bank_id"] == now
