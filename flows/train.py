@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,6 +25,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from pipeline.data.datasets import Dataset
 from pipeline.data.importer import import_dataset
+from pipeline.data.tracking import dvc_add
 from pipeline.lifecycle.registry import Registry, RegistryBusy
 from pipeline.lifecycle.retrain import already_made, choose_fit, extend_step
 from pipeline.lifecycle.steps import (
@@ -33,7 +33,6 @@ from pipeline.lifecycle.steps import (
     ValidationFailed,
     commit_data_pointer,
     coreset_step,
-    dvc_data_hash,
     evaluate_step,
     extract_step,
     gate_step,
@@ -47,8 +46,7 @@ from pipeline.lifecycle.steps import (
 def track_data(data_dir: str = "data", git_commit: bool = False) -> str | None:
     """``dvc add`` the data folder (a no-op when unchanged); returns the DVC hash. With
     ``git_commit`` (``retrain.git_commit``), commits the pointer files it changed."""
-    subprocess.run([sys.executable, "-m", "dvc", "add", "-q", data_dir], check=True)
-    data_hash = dvc_data_hash(f"{data_dir}.dvc")
+    data_hash = dvc_add(data_dir)  # skipped when nothing under data_dir changed since the last one
     if git_commit:
         commit_data_pointer([f"{data_dir}.dvc", "dvc.lock"], f"data: {data_dir} at DVC hash {data_hash}")
     return data_hash

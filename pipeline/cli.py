@@ -177,14 +177,12 @@ def _predict(args: argparse.Namespace) -> dict[str, Any]:
 
 def _dvc_add(root: str) -> str | None:
     """``dvc add`` the data root; returns its new DVC hash."""
-    import subprocess
+    from pipeline.data.tracking import TrackingError, dvc_add
 
-    from pipeline.lifecycle.steps import dvc_data_hash
-
-    proc = subprocess.run([sys.executable, "-m", "dvc", "add", "-q", root], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise ValueError(f"dvc add {root} failed: {proc.stderr.strip() or proc.stdout.strip()}")
-    return dvc_data_hash(f"{root}.dvc")
+    try:
+        return dvc_add(root)
+    except TrackingError as exc:
+        raise ValueError(str(exc)) from exc
 
 
 @command("import")

@@ -61,7 +61,7 @@ def restore(data_hash: str, to: Path, cache: Path = Path(".dvc/cache")) -> dict[
     if hashlib.md5(raw).hexdigest() != digest:
         raise RestoreError(f"the cache's listing {listing} does not match its md5 {digest}: the cache is "
                            f"corrupt; delete that file and fetch {data_hash} again (`dvc fetch`)")
-    entries = _parse_listing(raw, listing)
+    entries = parse_listing(raw, listing)
     sources = [(_entry(cache, md5, data_hash), md5, relpath) for md5, relpath in entries]
 
     to.parent.mkdir(parents=True, exist_ok=True)
@@ -110,7 +110,7 @@ def _entry(cache: Path, md5: str, data_hash: str) -> Path:
     return path
 
 
-def _parse_listing(raw: bytes, listing: Path) -> list[tuple[str, PurePosixPath]]:
+def parse_listing(raw: bytes, listing: Path) -> list[tuple[str, PurePosixPath]]:
     try:
         items = json.loads(raw)
         entries = [(str(item["md5"]), str(item["relpath"])) for item in items]
@@ -137,3 +137,4 @@ def _copy(source: Path, target: Path) -> str:
             digest.update(chunk)
             writer.write(chunk)
     return digest.hexdigest()
+

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 import yaml
 
 from pipeline.data.restore import RestoreError, restore
+from pipeline.data.tracking import STAMP, dvc_add, unchanged_since_add
 
 DVC = Path(sys.executable).parent / "dvc"
 
@@ -134,3 +136,46 @@ def test_a_listing_changed_in_the_cache_is_refused(repo):
     with pytest.raises(RestoreError, match="does not match its md5"):
         restore(first, root / "restored", cache=root / ".dvc" / "cache")
     assert not (root / "restored").exists()
+
+
+
+def test_dvc_add_is_skipped_only_when_nothing_under_data_changed(repo):
+    root, first, _ = repo
+    pointer, data = root / "data.dvc", root / "data"
+    good = data / "train" / "good"
+
+    def ran_dvc(previous_ctime: int) -> bool:  # DVC rewrites data.dvc on every add
+        return os.stat(pointer).st_ctime_ns != previous_ctime
+
+    current = dvc_add("data", root)  # the first add through tracebank: DVC runs, the stamp is written
+    assert current == _recorded(pointer) and (root / STAMP).is_file()
+    written = os.stat(pointer).st_ctime_ns
+    assert dvc_add("data", root) == current and not ran_dvc(written)  # nothing changed: no DVC process
+    changes = [
+        lambda: (good / "new.jpg").write_bytes((good / "new.jpg").read_bytes()[:-1] + b"\x01"),  # bytes in place
+        lambda: shutil.copy(good / "new.jpg", good / "another.jpg"),  # a file more
+        lambda: (good / "another.jpg").unlink(),  # a file fewer
+        lambda: (good / "new.jpg").rename(good / "renamed.jpg"),
+        lambda: (good / "renamed.jpg").chmod(0o600),
+    ]
+    for change in changes:
+        change()
+        written = os.stat(pointer).st_ctime_ns
+        after = dvc_add("data", root)
+        assert ran_dvc(written) and after == _recorded(pointer)
+        written = os.stat(pointer).st_ctime_ns
+        assert dvc_add("data", root) == after and not ran_dvc(written)
+    # an older data.dvc put back (`git checkout OLD -- data.dvc`) while data/ stays as it is:
+    # the hash returned is the data's, never the pointer's
+    older = _recorded(pointer)
+    (good / "renamed.jpg").write_bytes((good / "renamed.jpg").read_bytes()[:-1] + b"\x02")  # same names
+    actual = dvc_add("data", root)
+    assert actual != older
+    pointer.write_text(pointer.read_text().replace(actual.removesuffix(".dir"), older.removesuffix(".dir")))
+    assert dvc_add("data", root) == actual
+    (good / "linked.jpg").symlink_to(good / "renamed.jpg")  # DVC decides about a symlink, not the shortcut
+    assert not unchanged_since_add(data, pointer, _recorded(pointer), root / ".dvc" / "cache", root / STAMP)
+
+
+def _recorded(pointer: Path) -> str:
+    return yaml.safe_load(pointer.read_text())["outs"][0]["md5"]
