@@ -131,6 +131,22 @@ def test_integrate_to_interpolates_a_rising_segment_at_the_limit():
     assert integrate_to(x, y, 0.5) == pytest.approx(0.04 + 0.3 * (0.4 + 1.0) / 2)
 
 
+def test_integrate_to_the_ends_of_the_curve():
+    x = np.array([0.0, 0.0, 0.5, 0.8])  # a curve that starts with a vertical step and stops at 0.8
+    y = np.array([0.0, 0.5, 1.0, 1.0])
+    whole = 0.5 * (0.5 + 1.0) / 2 + 0.3 * 1.0  # trapezoids 0..0.5 and 0.5..0.8
+    assert integrate_to(x, y, 0.0) == 0.0  # no width, no area, whatever the step at 0
+    # a limit at or past the last point: the area of the whole curve, nothing made up beyond it
+    assert integrate_to(x, y, 0.8) == pytest.approx(whole)
+    assert integrate_to(x, y, 1.0) == pytest.approx(whole)
+    # PRO's own curve ends at FPR 1: a max_fpr of 1 is the area under all of it
+    mask = np.zeros((4, 4), bool)
+    mask[0, 0] = True
+    amap = np.zeros((4, 4))
+    amap[0, 0], amap[1, 1] = 0.5, 0.9  # one nominal pixel (1/15 of them) above the region
+    assert pro_score([mask], [amap], max_fpr=1.0) == pytest.approx(1 - 1 / 15)
+
+
 def test_f1_threshold_of_a_weak_model_and_of_a_top_scored_defect():
     # 20 images by descending score: 2 good, a defect, 16 good, the other defect last. Calling
     # the top 3 defective gives precision 1/3, recall 1/2, F1 = 2 (1/6) / (5/6) = 0.4; calling
