@@ -136,6 +136,22 @@ def test_eq7_large_distances_do_not_overflow():
     assert np.isfinite(score) and 0 < score <= 900.0
 
 
+def test_eq7_with_a_bank_smaller_than_b_weighs_every_bank_feature_there_is():
+    # Two bank features and b = 5: N_b(m*) can only be both of them, so the score is Eq. 7 with
+    # b = 2, from the query (0, 1) at distance 1 from m* = (0, 0) and sqrt(10) from (3, 0).
+    bank = np.array([[0.0, 0.0], [3.0, 0.0]], np.float32)
+    query = np.array([[[0.0, 1.0]]], np.float32)
+    patch, nearest = np.array([[1.0]], np.float32), np.array([[0]])
+    score = reweighted_image_scores(query, patch, nearest, bank, NNIndex("flat").fit(bank), num_neighbors=5)[0]
+    by_hand = (1 - math.exp(1.0) / (math.exp(1.0) + math.exp(math.sqrt(10.0)))) * 1.0
+    assert score == pytest.approx(by_hand, rel=1e-6)
+    assert score == pytest.approx(_eq7_by_brute_force(query[0, 0], bank, 0, 2), rel=1e-6)
+    # a one-feature bank: m* has no neighbour at all; the image is still scored, within [0, s*]
+    one = bank[:1]
+    got = reweighted_image_scores(query, patch, nearest, one, NNIndex("flat").fit(one), num_neighbors=3)
+    assert got.shape == (1,) and got.dtype == np.float32 and 0.0 <= got[0] <= 1.0
+
+
 def test_smoothed_image_score_worked_case():
     # sigma 0.5 has radius 2 on a 3-cell axis: taps w2 w1 w0 w1 w2 = exp(-8), exp(-2), 1, ... over
     # their sum. Reflect padding folds index -1 onto 1, -2 onto 2, 3 onto 1 and 4 onto 0, so
