@@ -13,6 +13,8 @@ import hashlib
 import json
 import os
 import re
+import stat
+import tempfile
 import threading
 
 import pytest
@@ -123,7 +125,8 @@ def test_read_jsonl_skips_blank_lines_and_names_the_bad_line(tmp_path):
     path.write_text('{"a": 1}\n\n   \n{"b": 2}\n')
     assert read_jsonl(path) == [{"a": 1}, {"b": 2}]
     path.write_text('{"a": 1}\n{"b": \n')
-    with pytest.raises(LedgerError, match=r"log.jsonl: line 2 is not JSON .*restore it from a backup"):
+    with pytest.raises(LedgerError, match=r"log.jsonl: line 2 is not JSON \(.+\); the log was edited by hand or the "
+                                          r"disk is damaged: restore it from a backup$"):
         read_jsonl(path)
     path.write_text('{"a": 1}\n\n[1, 2]\n')
     with pytest.raises(LedgerError, match=r"line 3 is not a JSON object"):
@@ -138,6 +141,24 @@ def test_append_jsonl_adds_one_sorted_line_and_mends_a_missing_newline(tmp_path)
     append_jsonl(path, {"d": 4})
     assert path.read_text() == '{"a": 2, "b": 1}\n{"c": 3}\n{"d": 4}\n'
     assert sorted(p.name for p in path.parent.iterdir()) == ["log.jsonl"]  # no temporary file left
+
+
+def test_a_log_holds_one_line_per_record_however_many_are_appended(tmp_path):
+    path = tmp_path / "log.jsonl"
+    for n in range(3):
+        append_jsonl(path, {"seq": n})
+    assert path.read_text() == '{"seq": 0}\n{"seq": 1}\n{"seq": 2}\n'  # `wc -l` counts the records
+
+
+def test_a_log_is_written_beside_itself_not_in_the_system_temporary_folder(tmp_path, monkeypatch):
+    # The new file is renamed over the log, which only works on one file system: a registry on
+    # its own disk must not depend on where TMPDIR points (here: a folder that does not exist).
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-tmp"))
+    path = tmp_path / "log.jsonl"
+    append_jsonl(path, {"a": 1})
+    append_jsonl(path, {"b": 2})
+    assert read_jsonl(path) == [{"a": 1}, {"b": 2}]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.jsonl"]
 
 
 def test_append_jsonl_that_fails_leaves_the_old_log_and_no_temporary_file(tmp_path, monkeypatch):
@@ -241,6 +262,26 @@ def test_a_lock_another_file_holds_raises_busy_naming_the_holder(tmp_path):
         os.close(fd)
     with FileLock(path).hold(wait_s=0, what="it"):  # the failed tries left nothing held
         assert is_locked(path)
+
+
+def test_a_lock_file_with_bytes_that_are_not_text_still_says_busy(tmp_path):
+    path = tmp_path / ".lock"
+    fd = holder_fd(path)
+    try:
+        os.write(fd, b"pid 4711 \xff\xfe since\n")  # written by something else, or a damaged disk
+        with pytest.raises(Busy, match=r"^it is held by pid 4711 \ufffd\ufffd since; try again"):
+            with FileLock(path).hold(wait_s=0, what="it"):
+                pass
+    finally:
+        os.close(fd)
+
+
+def test_the_lock_file_is_made_readable_and_never_executable_or_writable_by_others(tmp_path):
+    path = tmp_path / "banks" / ".lock"
+    with FileLock(path).hold(wait_s=0, what="it"):
+        pass
+    mode = stat.S_IMODE(path.stat().st_mode)
+    assert mode & 0o600 == 0o600 and mode & 0o133 == 0  # rw for its owner; no x, no write for group/others
 
 
 def test_a_waiting_writer_gets_the_lock_when_the_other_file_lets_go(tmp_path):
@@ -416,6 +457,29 @@ def test_a_copied_bank_keeps_its_source_and_its_links(reg, tmp_path):
     assert (source / "manifest.json").is_file() and [e["gates_passed"] for e in reg.events(bank_id)] == [False]
 
 
+def test_the_default_registry_is_banks_in_the_working_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_bank(tmp_path / "fitted", "a")
+    bank_id = Registry().register(tmp_path / "fitted", {"gates": PASSED})
+    assert (tmp_path / "banks" / bank_id / "lineage.json").is_file()
+    assert Registry(tmp_path / "banks").status(bank_id) == "candidate"
+
+
+def test_a_bank_is_staged_and_logged_inside_the_registry_wherever_tmpdir_points(reg, tmp_path, monkeypatch):
+    # The staged bank is renamed into place, which only works on one file system: a registry on
+    # its own disk must not depend on the system temporary folder (here: one that does not exist).
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-tmp"))
+    write_bank(tmp_path / "a", "a")
+    write_bank(tmp_path / "b", "b")
+    a = reg.register(tmp_path / "a", {"gates": PASSED})
+    b = reg.register(tmp_path / "b", {"gates": PASSED}, move=False)
+    reg.promote(a)
+    reg.record_packaged(b, "tracebank:b")
+    assert reg.production()["bank_id"] == a and reg.lineage(b)["model_tag"] == "tracebank:b"
+    assert sorted(p.name for p in reg.root.iterdir()) == sorted([".lock", "PRODUCTION.json", "events",
+                                                                 "promotions.jsonl", a, b])
+
+
 def test_a_registration_that_fails_half_way_leaves_no_bank_and_no_staging(reg, tmp_path, monkeypatch):
     import pipeline.lifecycle.registry as registry_module
 
@@ -451,8 +515,9 @@ def test_registering_a_bank_again_appends_an_evaluation_and_leaves_the_record(re
     event = reg.record_evaluation(a, {"metrics": {"pro": 0.9}})
     assert event["gates_passed"] is False and "gates" not in event
     assert reg.verdict(a) == FAILED  # an evaluation without gate results keeps the last ones
-    reg.record_evaluation(a, {"gates": PASSED})
+    assert reg.record_evaluation(a, {"gates": PASSED})["gates_passed"] is True
     assert reg.verdict(a) == PASSED and reg.status(a) == "candidate"
+    assert [e["gates_passed"] for e in reg.events(a)] == [False, False, True]
 
 
 def before_or_now(stamp):
@@ -592,6 +657,11 @@ def test_a_bank_whose_latest_gates_failed_is_promoted_only_by_force(reg, new):
     c = new("c", gates={})
     with pytest.raises(RegistryError, match=r"cannot be promoted: it has no passing gate results"):
         reg.promote(c)
+    two = new("two", gates={"passed": False, "failures": ["pro >= 0.7 failed (got 0.5)",
+                                                         "image_auroc >= 0.9 failed (got 0.8)"]})
+    with pytest.raises(RegistryError, match=rf"^bank {two} cannot be promoted: pro >= 0.7 failed \(got 0.5\); "
+                                            r"image_auroc >= 0.9 failed \(got 0.8\)$"):
+        reg.promote(two)
     assert reg.production() is None
     assert reg.promote(a, force=True, by="ann")["reason"] == "forced"
     assert reg.promote(new("d"), force=True)["reason"] == "manual"  # its gates passed: nothing forced
@@ -705,6 +775,7 @@ def test_status_and_lineage_at_a_time_use_only_what_had_happened(reg, new, monke
     assert len(then["evaluations"]) == 1
     early = reg.lineage(a, "2021-01-01T00:00:01+00:00")
     assert early["promoted_at"] == "2021-01-01T00:00:01+00:00" and early["evaluations"] == []
+    assert [e["event"] for e in early["history"]] == ["registered", "promoted"]  # at that moment, included
     assert "model_tag" not in early
     of_b = reg.lineage(b)
     assert [e["event"] for e in of_b["history"]] == ["registered", "promoted", "rolled back", "evaluated"]
@@ -718,6 +789,25 @@ def test_a_bank_registered_with_no_gate_results_keeps_its_recorded_status(reg, t
     assert reg.status(a) == "retired-by-hand"
     (reg.root / a / "lineage.json").write_text(json.dumps({"bank_id": a}))
     assert reg.status(a) == "candidate"
+
+
+def test_a_record_written_without_its_registration_status_or_time(reg, new):
+    # Records from before `status_at_registration` and `created_at` were written: the status
+    # recorded is the one at registration, and a record without a time counts as the oldest.
+    a, b, c = new("a"), new("b", created_at="2022-01-01T00:00:00+00:00", data_hash="d1", params={"k": 1}), new("c")
+    (reg.root / a / "lineage.json").write_text(json.dumps({"bank_id": a, "status": "rejected", "data_hash": "d1",
+                                                           "params": {"k": 1}}))
+    (reg.root / c / "lineage.json").write_text(json.dumps({"bank_id": c}))
+    reg.record_evaluation(a, {"gates": PASSED})  # re-evaluated since, and passed
+    lineage = reg.lineage(a)
+    assert (lineage["status"], lineage["status_at_registration"]) == ("candidate", "rejected")
+    assert [(e["event"], e.get("status")) for e in lineage["history"]] == [("registered", "rejected"),
+                                                                          ("evaluated", None)]
+    assert lineage["history"][0] == {"time": None, "event": "registered", "status": "rejected"}
+    # no status recorded at all: registered as what it is, a candidate with no gate results
+    assert reg.lineage(c)["history"] == [{"time": None, "event": "registered", "status": "candidate"}]
+    assert reg.list()[0]["bank_id"] == b and {r["bank_id"] for r in reg.list()[1:]} == {a, c}  # undated last
+    assert reg.find("d1", {"k": 1}) == b  # the dated bank is the newer one
 
 
 # -- a registry from before the promotion log ---------------------------------------------------
@@ -734,6 +824,17 @@ def test_a_pointer_without_a_log_is_read_as_its_history_and_kept_by_the_next_pro
     pointer = reg.promote(c)
     assert (pointer["bank_id"], pointer["history"], pointer["seq"]) == (c, [b, a], 3)
     assert [e["to"] for e in read_jsonl(reg.root / "promotions.jsonl")] == [a, b, c]
+
+
+def test_a_rollback_on_a_pointer_without_a_log_keeps_the_pointers_history(reg, new):
+    a, b = new("a"), new("b")
+    (reg.root / "PRODUCTION.json").write_text(json.dumps({"bank_id": b, "history": [a], "promoted_at": "2021-05-05",
+                                                          "promoted_by": "ann"}))
+    pointer = reg.rollback(by="bob")
+    assert (pointer["bank_id"], pointer["rolled_back"], pointer["seq"]) == (a, [b], 3)
+    assert [(e["from"], e["to"], e["reason"]) for e in read_jsonl(reg.root / "promotions.jsonl")] == [
+        (None, a, "manual"), (a, b, "manual"), (b, a, "rollback")]
+    assert reg.status(b) == "rolled back"
 
 
 def test_a_pointer_without_history_or_time(reg, new):
