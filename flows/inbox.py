@@ -6,7 +6,7 @@
 Each run takes the image files directly inside the inbox (names starting with ``.`` are left
 alone, so a camera can write ``.part.png`` and rename it when complete), adds them with
 :func:`pipeline.data.intake.add_nominal` (duplicates skipped, failures quarantined, ``dvc add``),
-and moves every file it took into ``processed/<time>/{added,duplicate,quarantined}/`` inside
+and moves every file it took into ``processed/<time>/{added,duplicate,quarantined,refused}/`` inside
 the inbox: nothing is deleted and nothing is taken twice. It retrains only if the data's DVC
 hash differs from the production bank's, extending that bank when only good images were added.
 A ``inbox-run`` artifact lists the files added, the duplicates, the quarantined files and the
@@ -37,14 +37,14 @@ from .train import track_data, train
 @task
 def take_inbox(inbox: str, data_dir: str, quarantine: str, params: Params) -> dict[str, Any]:
     """Add the inbox's files to ``data_dir`` and move them to the inbox's ``processed/`` folder."""
-    files = [p for p in expand_inputs([inbox]) if p.is_file()]
+    files = expand_inputs([inbox])  # links too: add_nominal refuses them, and they are moved aside below
     if not files:
-        return {"n_added": 0, "n_duplicates": 0, "n_quarantined": 0, "added": [], "duplicates": [],
-                "quarantined": [], "processed": None}
+        return {"n_added": 0, "n_duplicates": 0, "n_quarantined": 0, "n_refused": 0, "added": [], "duplicates": [],
+                "quarantined": [], "refused": [], "processed": None}
     report = add_nominal(files, data_dir, config=params.validation, quarantine=quarantine).as_json()
     done = Path(inbox) / "processed" / dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
     for kind, items in (("added", report["added"]), ("duplicate", report["duplicates"]),
-                        ("quarantined", report["quarantined"])):
+                        ("quarantined", report["quarantined"]), ("refused", report["refused"])):
         folder = done / kind
         for item in items:
             folder.mkdir(parents=True, exist_ok=True)
@@ -69,6 +69,7 @@ def _summary(report: dict[str, Any], decision: str) -> str:
     lines += [f"- added `{Path(a['source']).name}` as `{a['path']}`" for a in report["added"]]
     lines += [f"- duplicate `{Path(d['source']).name}`: same bytes as `{d['same_as']}`" for d in report["duplicates"]]
     lines += [f"- quarantined `{Path(q['source']).name}`: {q['reason']}" for q in report["quarantined"]]
+    lines += [f"- refused `{Path(r['source']).name}`: {r['reason']}" for r in report["refused"]]
     return "\n".join(lines)
 
 

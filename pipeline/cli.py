@@ -319,6 +319,7 @@ def _print_human(name: str, result: dict[str, Any]) -> None:
               f"duplicate(s) skipped, {result['n_quarantined']} quarantined; data hash {result['data_hash']}")
         lines = [f"duplicate {d['source']}: same bytes as {d['same_as']}" for d in result["duplicates"]]
         lines += [f"quarantined {q['source']} -> {q['path']}: {q['reason']}" for q in result["quarantined"]]
+        lines += [f"refused {r['source']}: {r['reason']}" for r in result["refused"]]
         print("\n".join(lines), end="\n" if lines else "")
         return
     if name == "import":

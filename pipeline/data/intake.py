@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,15 +37,19 @@ class AddReport:
             (or earlier in the same call), not copied.
         quarantined: ``{"source", "path", "reason"}``: failed validation, copied to ``path``
             in the quarantine folder.
+        refused: ``{"source", "reason"}``: not a regular file (a symbolic link, a device, a
+            FIFO): never opened, copied or quarantined.
     """
 
     added: list[dict[str, str]] = dataclasses.field(default_factory=list)
     duplicates: list[dict[str, str]] = dataclasses.field(default_factory=list)
     quarantined: list[dict[str, str]] = dataclasses.field(default_factory=list)
+    refused: list[dict[str, str]] = dataclasses.field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self) | {
-            "n_added": len(self.added), "n_duplicates": len(self.duplicates), "n_quarantined": len(self.quarantined)}
+            "n_added": len(self.added), "n_duplicates": len(self.duplicates), "n_quarantined": len(self.quarantined),
+            "n_refused": len(self.refused)}
 
 
 def sha256_file(path: str | Path) -> str:
@@ -56,7 +61,9 @@ def sha256_file(path: str | Path) -> str:
 
 
 def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
-    """Files, with each folder replaced by the files directly inside it, sorted.
+    """Files, with each folder replaced by the entries directly inside it that are not
+    folders, sorted. Symbolic links are listed as themselves, never followed (not even a
+    link to a folder), so that :func:`add_nominal` can refuse them.
 
     Raises:
         FileNotFoundError: naming an input that does not exist.
@@ -64,9 +71,10 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
     files: list[Path] = []
     for item in inputs:
         path = Path(item)
-        if path.is_dir():
-            files += sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
-        elif path.is_file():
+        if path.is_dir() and not path.is_symlink():
+            files += sorted(p for p in path.iterdir() if (p.is_symlink() or not p.is_dir())
+                            and not p.name.startswith("."))
+        elif path.is_symlink() or path.exists():
             files.append(path)
         else:
             raise FileNotFoundError(f"{item}: no such file or folder to add")
@@ -103,6 +111,10 @@ def add_nominal(
     candidates: list[tuple[Path, str]] = []
     rejected: dict[str, str] = {}
     for path in expand_inputs(inputs):
+        if not _regular(path):
+            report.refused.append({"source": str(path), "reason": "not a regular file (a symbolic link is never "
+                                   "followed): copy the image itself into the folder"})
+            continue
         digest = sha256_file(path)
         if digest in known:
             report.duplicates.append({"source": str(path), "same_as": known[digest]})
@@ -126,7 +138,12 @@ def add_nominal(
             continue
         dest = safe_join(root, "train", "good", unique_name(target_dir, path))
         partial = dest.with_name(f".{dest.name}.partial")
-        shutil.copyfile(path, partial)
+        try:
+            _copy_regular(path, partial)
+        except OSError as exc:  # replaced by a link or removed since it was listed
+            partial.unlink(missing_ok=True)
+            report.refused.append({"source": str(path), "reason": f"could not be read as a regular file: {exc}"})
+            continue
         os.replace(partial, dest)  # a file in train/good is always complete
         report.added.append({"source": str(path), "path": str(dest)})
     if rejected:
@@ -148,6 +165,28 @@ def _quarantine(rejected: dict[str, str], quarantine: Path, report: AddReport) -
     folder.mkdir(parents=True, exist_ok=True)
     for source, reason in sorted(rejected.items()):
         dest = folder / unique_name(folder, Path(source))
-        shutil.copyfile(source, dest)
+        _copy_regular(Path(source), dest)
         report.quarantined.append({"source": source, "path": str(dest), "reason": reason})
     (folder / "reasons.json").write_text(json.dumps(report.quarantined, indent=2) + "\n")
+
+
+def _regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _copy_regular(source: Path, dest: Path) -> None:
+    """Copy the regular file ``source`` (never through a symbolic link) to a new file ``dest``
+    whose mode is the source's, read and write bits only, less the umask: a copy is never
+    readable by more people than the original."""
+    reader_fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW)
+    with open(reader_fd, "rb") as reader:
+        info = os.fstat(reader.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(f"{source} is not a regular file")
+        mode = stat.S_IMODE(info.st_mode) & 0o666
+        writer_fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+        with open(writer_fd, "wb") as writer:
+            shutil.copyfileobj(reader, writer)
