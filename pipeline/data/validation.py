@@ -14,10 +14,12 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:  # pandas loads when a validation runs, not with every flow
+    import pandas as pd
 
 from .datasets import Sample
 from .images import ImageError, read_image, read_mask
@@ -102,6 +104,8 @@ def describe(samples: Sequence[Sample], split: str) -> list[dict[str, Any]]:
 def metadata_table(train: Sequence[Sample], test: Sequence[Sample]) -> pd.DataFrame:
     """Metadata of both sets, with ``duplicate`` (same bytes seen earlier in the same split)
     and ``in_both_splits`` (same bytes in training and evaluation) flags."""
+    import pandas as pd
+
     table = pd.DataFrame(describe(train, "train") + describe(test, "test"))
     has_hash = table["sha256"] != ""
     table["duplicate"] = has_hash & table.duplicated(subset=["split", "sha256"], keep="first")
