@@ -243,7 +243,8 @@ def decisions_with_lineage(
     """
     from .registry import Registry, RegistryError
 
-    if "://" not in db and not Path(db).is_file():
+    local = db if "://" not in db else (sa.engine.make_url(db).database if db.startswith("sqlite") else None)
+    if local is not None and (local in ("", ":memory:") or not Path(local).is_file()):  # reading creates none
         raise FileNotFoundError(f"audit database {db} does not exist; pass --db (the service's TRACEBANK_AUDIT_DB)")
     import bisect
 
@@ -283,11 +284,18 @@ def parse_since(text: str, now: dt.datetime | None = None) -> dt.datetime:
     value = text.strip()
     if value[:-1].isdigit() and value[-1:].lower() in _UNITS:
         now = now or dt.datetime.now(dt.UTC)
-        return now - dt.timedelta(seconds=int(value[:-1]) * _UNITS[value[-1].lower()])
+        try:
+            return now - dt.timedelta(seconds=int(value[:-1]) * _UNITS[value[-1].lower()])
+        except (OverflowError, ValueError):  # before year 1: every decision is younger than that
+            return dt.datetime.min.replace(tzinfo=dt.UTC)
     try:
         since = dt.datetime.fromisoformat(value)
     except ValueError as exc:
         raise ValueError(
             f"--since {text!r} is neither an ISO date or time (2026-11-25T08:00) nor an age (30m, 2h, 7d)"
         ) from exc
-    return since if since.tzinfo is not None else since.replace(tzinfo=dt.UTC)
+    since = since if since.tzinfo is not None else since.replace(tzinfo=dt.UTC)
+    try:
+        return since.astimezone(dt.UTC)
+    except OverflowError:  # 0001-01-01T00:00+01:00 is before the first representable UTC time
+        return dt.datetime.min.replace(tzinfo=dt.UTC)

@@ -59,3 +59,24 @@ def test_add_never_follows_a_symlink_and_never_widens_a_files_mode(line, tmp_pat
     assert copy.read_bytes() == truncated.read_bytes()
     assert stat.S_IMODE(os.stat(copy).st_mode) & 0o077 == 0  # no more readable than its source
     assert not any(p.is_symlink() for p in (line / "data").rglob("*"))
+
+
+def test_audit_takes_any_since_and_never_creates_the_database_it_reads(tmp_path):
+    import datetime as dt
+
+    from pipeline.lifecycle.audit import AuditLog, Decision
+
+    db = tmp_path / "decisions.sqlite"
+    log = AuditLog(db)
+    log.record(Decision("r1", dt.datetime(2026, 12, 1, 8, 0, tzinfo=dt.UTC), "part-7", "0" * 64, 64, 64, 1.5,
+                        "anomalous", 1.0, "b" * 16, 3.0))
+    log.dispose()
+    common = ["--db", str(db), "--registry", str(tmp_path / "banks"), "--json"]
+    for since in ("99999999999999d", "0001-01-01T00:00+01:00"):  # before anything: every row
+        got = run(tmp_path, str(BIN / "tracebank"), "audit", "--since", since, *common)
+        assert [json.loads(line)["request_id"] for line in got.stdout.splitlines()] == ["r1"], since
+        assert "Traceback" not in got.stderr
+    for missing in (str(tmp_path / "new.sqlite"), f"sqlite:///{tmp_path / 'new.sqlite'}"):
+        refused = run(tmp_path, str(BIN / "tracebank"), "audit", "--db", missing, check=False)
+        assert refused.returncode == 2 and "does not exist" in refused.stderr
+        assert not (tmp_path / "new.sqlite").exists()  # reading never creates a database
