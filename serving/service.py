@@ -24,7 +24,6 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
-import hmac
 import json
 import logging
 import os
@@ -43,6 +42,7 @@ from pipeline.lifecycle.inspection import InputError, LoadedBank, Result, Upload
 from pipeline.lifecycle.registry import Registry, RegistryError
 from pipeline.patchcore.bank import BankError
 from serving.guard import RequestGuard
+from serving.redact import authorized, public, scrub
 from serving.store import bento_file, data_home, declared_bank_tag, production_bank_dir
 
 logger = logging.getLogger("bentoml.tracebank")
@@ -108,7 +108,7 @@ class BatchItem(BaseModel):
 
 def _error(status: int, message: str, field: str | None = None, **extra: Any) -> JSONResponse:
     logger.warning("refused request (%d): %s", status, message)
-    body: dict[str, Any] = {"error": message}
+    body: dict[str, Any] = {"error": scrub(message)}  # the log keeps the paths, the client never sees them
     if field is not None:
         body["field"] = field
     body.update(extra)
@@ -270,8 +270,9 @@ class Inspection:
         return [a or {"error": "internal: no answer"} for a in answers]
 
     @bentoml.api(route="/metadata")
-    def metadata(self) -> dict[str, Any]:
-        """The served bank: id, threshold, backbone, metrics and lineage."""
+    def metadata(self, ctx: bentoml.Context) -> dict[str, Any]:
+        """The served bank: id, threshold, backbone, metrics and lineage; without the admin
+        token, no paths, file lists or user names (:func:`serving.redact.public`)."""
         bank = self.bank
         if bank is None:
             return _error(503, f"no bank loaded: {self.load_error}")
@@ -292,7 +293,9 @@ class Inspection:
             else:
                 info["lineage"] = None
                 info["lineage_error"] = str(exc)
-        return info
+        if authorized(ctx.request.headers.get("authorization", ""), self.settings.admin_token):
+            return info
+        return dict(public(info))
 
     @bentoml.api(route="/reload")
     def reload(self, ctx: bentoml.Context) -> dict[str, Any]:
@@ -308,9 +311,7 @@ class Inspection:
         expected = self.settings.admin_token
         if expected is None:
             return refuse(403, "reload is disabled: start the service with TRACEBANK_ADMIN_TOKEN set")
-        header = ctx.request.headers.get("authorization", "")
-        given = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
-        if not given or not hmac.compare_digest(given.encode(), expected.encode()):
+        if not authorized(ctx.request.headers.get("authorization", ""), expected):
             return refuse(401, "reload needs the admin token: send 'Authorization: Bearer <token>'")
         with self._reload_lock:
             previous = self.bank.bank_id if self.bank is not None else None

@@ -380,3 +380,22 @@ def test_promote_and_rollback_with_reload_url_switch_the_running_service(server,
         again = json.loads(run(root, *cli, "rollback", *where, "--json"))
         assert again["bank_id"] == now and again["reload"]["bank_id"] == now
         assert server.predict(client, project["good"][0], "rolled-back").json()["bank_id"] == now
+
+
+def test_an_anonymous_client_reads_no_path_or_user_name(server, project):
+    import getpass
+
+    root = str(project["root"])
+    with httpx.Client() as client:
+        anonymous = client.post(f"{server.url}/metadata", json={})
+        admin = client.post(f"{server.url}/metadata", json={}, headers={"Authorization": f"bearer {TOKEN}"})
+        refused = client.post(f"{server.url}/predict", files={"image": ("x.png", b"not an image")},
+                              data={"part_id": "p"})
+        reloaded = client.post(f"{server.url}/reload", json={}, headers={"Authorization": f"bearer {TOKEN}"})
+    assert anonymous.status_code == 200 and anonymous.json()["bank_id"] == admin.json()["bank_id"]
+    assert anonymous.json()["metrics"] and anonymous.json()["lineage"]["bank_id"] == admin.json()["bank_id"]
+    assert root not in anonymous.text and "/tmp" not in anonymous.text and "/work" not in anonymous.text
+    assert '"promoted_by"' not in anonymous.text and f'"{getpass.getuser()}"' not in anonymous.text
+    assert admin.json()["source"].startswith(root)  # the operator with the token sees where it lives
+    assert refused.status_code == 400 and root not in refused.text
+    assert reloaded.status_code == 200  # the scheme is case-insensitive (RFC 7235)

@@ -149,6 +149,7 @@ def test_locked_audit_database_gives_503_then_recovers(project):
             holder.execute("ROLLBACK")
             holder.close()
         assert refused.status_code == 503 and "not recorded" in refused.json()["error"]
+        assert str(project["root"]) not in refused.text  # the database named by its file, not its path
         assert server.predict(client, project["good"][0], "after-lock").status_code == 200
     parts = [r["part_id"] for r in rows_of(db)]
     assert parts == ["before-lock", "after-lock"]
@@ -188,7 +189,8 @@ def test_full_disk_gives_503_then_recovers(project, tmp_path):
 def test_corrupted_bank_on_disk_is_refused_while_the_loaded_one_keeps_serving(project):
     db = project["root"] / "tamper.sqlite"
     with running(project["root"], TRACEBANK_AUDIT_DB=str(db)) as server, httpx.Client() as client:
-        source = Path(client.post(f"{server.url}/metadata", json={}).json()["source"])
+        source = Path(client.post(f"{server.url}/metadata", json={},  # paths are for the admin only
+                                  headers={"Authorization": f"Bearer {TOKEN}"}).json()["source"])
         target = source / "memory_bank.npy"
         original = target.read_bytes()
         try:
