@@ -463,6 +463,9 @@ def test_the_default_registry_is_banks_in_the_working_folder(tmp_path, monkeypat
     bank_id = Registry().register(tmp_path / "fitted", {"gates": PASSED})
     assert (tmp_path / "banks" / bank_id / "lineage.json").is_file()
     assert Registry(tmp_path / "banks").status(bank_id) == "candidate"
+    deep = Registry(tmp_path / "not" / "yet" / "banks")  # the first registration makes it, parents too
+    write_bank(tmp_path / "b", "b")
+    assert deep.exists(deep.register(tmp_path / "b", {"gates": PASSED}))
 
 
 def test_a_bank_is_staged_and_logged_inside_the_registry_wherever_tmpdir_points(reg, tmp_path, monkeypatch):
