@@ -136,21 +136,84 @@ def _tree_sha256(folder: Path) -> dict[str, str]:
 
 
 def test_interrupted_promotion_keeps_a_complete_production_bank(flow_project):
+    """``kill -9`` of ``tracebank promote`` of a passing candidate that differs from
+    production, at 7 moments from 0 to 10 ms after it took the registry's lock: production
+    is always the old or the new bank, complete and hash-valid, and neither bank's files change.
+
+    Note: the command spends seconds importing before its few milliseconds of promotion, so
+    delays from its start would all land before the promotion. The test holds the registry's
+    lock as another writer would, lets go once the command waits for it, and counts from the
+    moment the command writes its pid into the lock file, just after taking it.
+    """
+    from pipeline.patchcore.bank import read_manifest
+
     project, _ = flow_project
-    banks = [b["bank_id"] for b in json.loads(
-        run(project, str(BIN / "tracebank"), "banks", "--json").stdout)["banks"] if b["status"] != "rejected"]
-    target = banks[0]
-    for delay in (0.05, 0.2, 0.4, 0.6, 0.8, 1.0, 1.5):
-        proc = subprocess.Popen([str(BIN / "tracebank"), "promote", target], cwd=project, env=_env(project),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    old = production(project)
+    assert old is not None
+    candidate = _passing_candidate(project)
+    assert candidate != old, "the candidate is the production bank again: the kills would interrupt nothing"
+    old_files = _tree_sha256(project / "banks" / old)
+    new_files = _tree_sha256(project / "banks" / candidate)
+    seen = []
+    for delay in (0.0, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.01):
+        proc = _promote_when_locked(project, candidate)
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        pointer = json.loads((project / "banks" / "PRODUCTION.json").read_text())
-        from pipeline.patchcore.bank import read_manifest
+        assert proc.wait() == -signal.SIGKILL, "`tracebank promote` ended before the kill"
+        now = production(project)
+        assert now in (old, candidate), f"after a kill {delay} s into the promotion PRODUCTION.json names {now}"
+        read_manifest(project / "banks" / now)  # complete and hash-valid
+        assert _tree_sha256(project / "banks" / old) == old_files  # every file, byte for byte
+        assert _tree_sha256(project / "banks" / candidate) == new_files
+        seen.append(now)
+        if now == candidate:  # the promotion got through: back to the old bank, so the next kill interrupts one
+            run(project, str(BIN / "tracebank"), "promote", old)
+    assert production(project) == old  # as the tests after this one expect
+    print(f"candidate {candidate[:8]} != production {old[:8]}; after each kill: "
+          + ", ".join("new" if b == candidate else "old" for b in seen))
 
-        read_manifest(project / "banks" / pointer["bank_id"])  # complete and hash-valid
-    assert json.loads((project / "banks" / "PRODUCTION.json").read_text())["bank_id"] in banks
+
+def _promote_when_locked(project: Path, bank: str) -> subprocess.Popen:
+    """Start ``tracebank promote bank`` and return once it holds the registry's lock."""
+    import fcntl
+
+    import psutil
+
+    path = project / "banks" / ".lock"
+    held = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another writer
+        os.ftruncate(held, 0)  # no earlier holder's pid
+        proc = subprocess.Popen([str(BIN / "tracebank"), "promote", bank], cwd=project, env=_env(project),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        target = str(path.resolve())
+        while not any(f.path == target for f in psutil.Process(proc.pid).open_files()):  # waiting for the lock
+            assert proc.poll() is None, "`tracebank promote` ended before it asked for the registry's lock"
+            time.sleep(0.005)
+    finally:
+        os.close(held)  # lets go
+    mark = f"pid {proc.pid} ".encode()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        while not os.pread(fd, len(mark), 0) == mark:  # written just after it took the lock
+            assert proc.poll() is None, "`tracebank promote` ended without taking the registry's lock"
+    finally:
+        os.close(fd)
+    return proc
+
+
+def _passing_candidate(project: Path) -> str:
+    """A bank of another coreset ratio, gated (passed) and registered, not promoted."""
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    other = dict(params, coreset=dict(params["coreset"], ratio=0.08))
+    (project / "params-candidate.yaml").write_text(yaml.safe_dump(other))
+    code = (
+        "from flows.train import train; import json; "
+        "print(json.dumps(train(params_file='params-candidate.yaml', work_dir='runs-candidate', auto_promote=False)))"
+    )
+    outcome = json.loads(run(project, sys.executable, "-c", code).stdout.strip().splitlines()[-1])
+    assert outcome["status"] == "candidate", outcome["gates"]
+    return str(outcome["bank_id"])
 
 
 def test_validation_stops_broken_data_before_training(tmp_path):
