@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable, MutableMapping
+from pathlib import Path
 from typing import Any
 
 from starlette.datastructures import UploadFile
@@ -26,6 +28,9 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 logger = logging.getLogger("bentoml.tracebank")
 
 ACCEPTED_TYPES = ("multipart/form-data", "application/json")
+
+#: The form fields ``/predict`` takes, and whether each is a file or text.
+FORM_FIELDS = {"image": "file", "image_b64": "text", "part_id": "text", "output": "text"}
 
 
 class RequestGuard:
@@ -84,9 +89,9 @@ class RequestGuard:
                 break
         payload = bytes(body)
         if media_type == "multipart/form-data":
-            problem, payload = await _check_form(scope, payload, headers.get("content-type", ""))
+            problem, payload, field = await _check_form(scope, payload, headers.get("content-type", ""))
             if problem is not None:
-                await _refuse(send, 400, problem)
+                await _refuse(send, 400, problem, field)
                 return
             scope = dict(scope)
             scope["headers"] = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
@@ -114,31 +119,44 @@ def _replay(body: bytes) -> Receive:
     return receive
 
 
-async def _check_form(scope: Scope, body: bytes, content_type: str) -> tuple[str | None, bytes]:
-    """Why a multipart body is unusable (or None), and the body to pass on.
+async def _check_form(scope: Scope, body: bytes, content_type: str) -> tuple[str | None, bytes, str | None]:
+    """Why a multipart body is unusable (or None), the body to pass on, and the field at fault.
 
-    ``image`` must be an uploaded file: a text value would make BentoML fetch it as a URL,
-    which an inspection station must not. Text fields are passed on JSON-quoted: BentoML
-    reads form fields as JSON, so ``part_id=4711`` would arrive as a number (and be refused)
-    and ``part_id=null`` as nothing; quoted, every text arrives as the text that was sent.
+    The form is parsed once, strictly, and rebuilt from what was parsed: only the fields of
+    :data:`FORM_FIELDS`, each of its kind (any other name, however it is quoted, is refused
+    naming it), so the service never sees a part it did not expect. ``image`` must be an
+    uploaded file: a text value would make BentoML fetch it as a URL, which an inspection
+    station must not. An upload is passed on as ``upload`` plus its extension, never under
+    the client's file name (BentoML writes it to a temporary file of that name). Text fields
+    are passed on JSON-quoted: BentoML reads form fields as JSON, so ``part_id=4711`` would
+    arrive as a number (and be refused) and ``part_id=null`` as nothing; quoted, every text
+    arrives as the text that was sent.
     """
     request = Request(scope, _replay(body))
     try:
         form = await request.form(max_files=4, max_fields=16)
     except Exception as exc:  # noqa: BLE001 - any parser failure is the client's malformed body
-        return f"malformed multipart body ({exc}); send fields 'image' (a file) and 'part_id'", body
+        return f"malformed multipart body ({exc}); send fields 'image' (a file) and 'part_id'", body, None
     try:
         images = form.getlist("image")
         if len(images) > 1:
-            return "send one file in field 'image' (use /predict_batch for several)", body
+            return "send one file in field 'image' (use /predict_batch for several)", body, "image"
         if images and not isinstance(images[0], UploadFile):
-            return "field 'image' must be a file upload, not text (URLs are not fetched)", body
+            return "field 'image' must be a file upload, not text (URLs are not fetched)", body, "image"
+        for name, value in form.multi_items():
+            kind = FORM_FIELDS.get(name)
+            if kind is None:
+                return (f"unknown form field {name[:60]!r}; send {', '.join(repr(f) for f in FORM_FIELDS)} "
+                        "(the image as a file in 'image')"), body, name[:60]
+            if (kind == "file") != isinstance(value, UploadFile):
+                return f"field {name!r} must be {'a file upload' if kind == 'file' else 'text, not a file'}", body, name
         boundary = content_type.split("boundary=", 1)[-1].split(";")[0].strip().strip('"').encode("latin-1")
         parts: list[bytes] = []
         for name, value in form.multi_items():
             disposition = f'form-data; name="{name}"'
             if isinstance(value, UploadFile):
-                filename = (value.filename or "upload").replace('"', "_")
+                suffix = Path(value.filename or "").suffix
+                filename = "upload" + (suffix.lower() if re.fullmatch(r"\.[A-Za-z0-9]{1,8}", suffix) else "")
                 head = (f"Content-Disposition: {disposition}; filename=\"{filename}\"\r\n"
                         f"Content-Type: {value.content_type or 'application/octet-stream'}\r\n")
                 data = await value.read()
@@ -146,7 +164,7 @@ async def _check_form(scope: Scope, body: bytes, content_type: str) -> tuple[str
                 head = f"Content-Disposition: {disposition}\r\n"
                 data = json.dumps(value).encode("utf-8")
             parts.append(b"--" + boundary + b"\r\n" + head.encode("utf-8") + b"\r\n" + data + b"\r\n")
-        return None, b"".join(parts) + b"--" + boundary + b"--\r\n"
+        return None, b"".join(parts) + b"--" + boundary + b"--\r\n", None
     finally:
         await form.close()
 
@@ -206,9 +224,9 @@ def _uniform_body(raw: bytes) -> bytes:
     return json.dumps({"error": message, "field": field}).encode()
 
 
-async def _refuse(send: Send, status: int, message: str) -> None:
+async def _refuse(send: Send, status: int, message: str, field: str | None = None) -> None:
     logger.warning("refused request (%d): %s", status, message)
-    body = json.dumps({"error": message}).encode()
+    body = json.dumps({"error": message} | ({"field": field} if field is not None else {})).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})

@@ -337,7 +337,9 @@ def test_a_painted_defect_is_rejected_and_its_clean_tile_passed_by_the_service_a
     """The decision's direction, against a case a person can judge: a tile the bank was fitted on
     is good, the same tile with a dark and a bright square painted on it is anomalous, through
     `/predict` and `tracebank predict` alike, at the bank's own threshold."""
-    root, bank = project["root"], project["a"]
+    root = project["root"]
+    with httpx.Client() as client:  # the bank the service serves now (earlier tests may have promoted another)
+        bank = client.post(f"{server.url}/metadata", json={}).json()["bank_id"]
     manifest = json.loads((root / "banks" / bank / "manifest.json").read_text())
     trained = Path(manifest["training"]["files"][0]["path"])
     tile = np.asarray(Image.open(trained).convert("L")).copy()
@@ -349,7 +351,7 @@ def test_a_painted_defect_is_rejected_and_its_clean_tile_passed_by_the_service_a
     painted.write_bytes(png(tile))
     with httpx.Client() as client:
         answers = [server.predict(client, p, f"paint-{i}").json() for i, p in enumerate((clean, painted))]
-    assert [a["decision"] for a in answers] == ["good", "anomalous"]
+    assert [a["decision"] for a in answers] == ["good", "anomalous"] and {a["bank_id"] for a in answers} == {bank}
     assert answers[0]["score"] < answers[0]["threshold"] <= answers[1]["score"]
     cli = json.loads(run(root, str(BIN / "tracebank"), "predict", bank, str(clean), str(painted),
                          "--registry", str(root / "banks"), "--json", "--quiet"))
@@ -399,3 +401,33 @@ def test_an_anonymous_client_reads_no_path_or_user_name(server, project):
     assert admin.json()["source"].startswith(root)  # the operator with the token sees where it lives
     assert refused.status_code == 400 and root not in refused.text
     assert reloaded.status_code == 200  # the scheme is case-insensitive (RFC 7235)
+
+
+def test_a_form_is_taken_only_as_the_fields_it_declares(server, project):
+    """Issue 29, findings 1, 8 and 12: a field name that smuggles in a second ``name=``, a
+    300-character file name and an upload under another field name."""
+    import socket
+
+    image = Path(project["good"][0]).read_bytes()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.settimeout(3)
+    bait = f"http://127.0.0.1:{listener.getsockname()[1]}/bait.png"
+    boundary = "tracebankboundary"
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="x\\"; name=\\"image"\r\n\r\n{bait}\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="part_id"\r\n\r\nsmuggled\r\n'
+            f"--{boundary}--\r\n").encode()
+    with httpx.Client(timeout=60) as client:
+        smuggled = client.post(f"{server.url}/predict", content=body,
+                               headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        with pytest.raises(TimeoutError):
+            listener.accept()  # nothing came to fetch the bait
+        listener.close()
+        long_name = client.post(f"{server.url}/predict", files={"image": ("a" * 300 + ".png", image, "image/png")},
+                                data={"part_id": "long-name"})
+        other_field = client.post(f"{server.url}/predict", files={"file": ("tile.png", image, "image/png")},
+                                  data={"part_id": "other-field"})
+    assert smuggled.status_code == 400 and "unknown form field" in smuggled.json()["error"]
+    assert long_name.status_code == 200 and long_name.json()["bank_id"]
+    assert other_field.status_code == 400 and other_field.json()["field"] == "file"
