@@ -11,8 +11,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import httpx
-
 
 class ReloadFailed(RuntimeError):
     """The registry changed but the service did not switch; the message says what to do."""
@@ -33,6 +31,8 @@ def reload_service(url: str, bank_id: str, *, token: str | None = None, timeout:
         ReloadFailed: the service could not be reached, refused (wrong token, a bank that
             fails verification) or serves another bank; the registry is left as it is.
     """
+    import httpx  # an optional dependency (the mlops extra): loaded only when a reload is asked for
+
     token = token if token is not None else os.environ.get("TRACEBANK_ADMIN_TOKEN", "")
     advice = (f"production is {bank_id} in the registry, but the service at {url} still serves the bank it had: "
               "{why}. Fix that and POST /reload (see README), or roll the registry back")
