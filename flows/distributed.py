@@ -32,11 +32,11 @@ from prefect import flow, task
 
 from pipeline.config import CoresetConfig, FeatureConfig
 from pipeline.data.datasets import Dataset, Sample
+from pipeline.data.tracking import recorded_hash
 from pipeline.lifecycle.registry import Registry
 from pipeline.lifecycle.stages import FeatureStore, extract_features
 from pipeline.lifecycle.steps import (
     Params,
-    dvc_data_hash,
     evaluate_step,
     gate_step,
     production_metrics,
@@ -153,10 +153,10 @@ def _register(params: Params, dataset: Dataset, work: Path, registry: Registry,
     from serving.store import package
 
     started = time.perf_counter()
-    metrics = evaluate_step(dataset, work, params)
-    gate_step(work, params, production_metrics(registry, dataset, params))
+    metrics = evaluate_step(dataset, work, params, production=production_metrics(registry, dataset, params))
+    gate_step(work, params)
     timings["evaluate_s"] = time.perf_counter() - started
-    outcome = register_step(work, params, registry, data_hash=dvc_data_hash(), timings=timings)
+    outcome = register_step(work, params, registry, data_hash=recorded_hash("data.dvc"), timings=timings)
     if outcome["status"] == "candidate":
         outcome["model_tag"] = package(registry, outcome["bank_id"])
     return {"bank_id": outcome["bank_id"], "status": outcome["status"], "bank_dir": outcome["bank_dir"],

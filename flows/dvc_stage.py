@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from pipeline.data.tracking import recorded_hash
 from pipeline.lifecycle import steps
 from pipeline.lifecycle.registry import Registry
 
@@ -42,16 +43,17 @@ def main(argv: list[str] | None = None) -> int:
     elif args.stage == "coreset":
         result = steps.coreset_step(params, WORK, params.data)
     elif args.stage == "evaluate":
-        result = steps.evaluate_step(dataset, WORK, params, metrics_dir=METRICS)
+        result = steps.evaluate_step(dataset, WORK, params, metrics_dir=METRICS,
+                                     production=steps.production_metrics(registry, dataset, params))
         for name, reason in UNDRAWN.items():  # DVC drops an empty plot without a word
             if len((METRICS / "plots" / name).read_text().splitlines()) < 2:
                 print(f"plot metrics/plots/{name} not drawn: {reason}", file=sys.stderr)
     elif args.stage == "gate":
-        result = steps.gate_step(WORK, params, steps.production_metrics(registry, dataset, params))
+        result = steps.gate_step(WORK, params)
     else:
         from serving.store import package as package_bank
 
-        outcome = steps.register_step(WORK, params, registry, data_hash=steps.dvc_data_hash())
+        outcome = steps.register_step(WORK, params, registry, data_hash=recorded_hash("data.dvc"))
         if outcome["status"] == "candidate":
             outcome["model_tag"] = package_bank(registry, outcome["bank_id"])
         (WORK / "package.json").write_text(json.dumps(outcome, indent=2, default=str) + "\n")

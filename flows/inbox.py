@@ -16,12 +16,10 @@ decision. After a promotion, a running service is told to reload when ``reload_u
 from __future__ import annotations
 
 import datetime as dt
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-import httpx
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
@@ -54,12 +52,12 @@ def take_inbox(inbox: str, data_dir: str, quarantine: str, params: Params) -> di
 
 
 @task(retries=2, retry_delay_seconds=5)
-def reload_service(url: str) -> dict[str, Any]:
-    """``POST {url}/reload`` with the admin token from ``TRACEBANK_ADMIN_TOKEN``."""
-    token = os.environ.get("TRACEBANK_ADMIN_TOKEN", "")
-    response = httpx.post(f"{url.rstrip('/')}/reload", headers={"Authorization": f"Bearer {token}"}, timeout=120)
-    response.raise_for_status()
-    return dict(response.json())
+def reload_service(url: str, bank_id: str) -> dict[str, Any]:
+    """``POST {url}/reload`` (admin token from ``TRACEBANK_ADMIN_TOKEN``) and check that the
+    service now serves ``bank_id`` (see :func:`pipeline.lifecycle.service_reload.reload_service`)."""
+    from pipeline.lifecycle.service_reload import reload_service as reload
+
+    return reload(url, bank_id)
 
 
 def _summary(report: dict[str, Any], decision: str) -> str:
@@ -109,9 +107,10 @@ def _retrain_from_inbox(inbox: str, params_file: str, work_dir: str, registry: R
         outcome = train(params_file, work_dir, registry_dir, data_dir, auto_promote=True, full=full)
         fit = outcome["fit"]
         decision = (f"{fit['fit']} fit ({fit['reason']}): bank {outcome['bank_id']} {outcome['status']}"
-                    + "".join(f"; gate failed: {f}" for f in outcome["gates"]["failures"]))
+                    + "".join(f"; gate failed: {f}" for f in outcome["gates"]["failures"])
+                    + "".join(f"; gate flagged: {f}" for f in outcome["gates"].get("flags", [])))
         if outcome["status"] == "production" and reload_url:
-            outcome["reload"] = reload_service(reload_url)
+            outcome["reload"] = reload_service(reload_url, outcome["bank_id"])
             decision += f"; service at {reload_url} reloaded"
     create_markdown_artifact(key="inbox-run", markdown=_summary(report, decision))
     return {"inbox": report, "data_hash": data_hash, "decision": decision, "outcome": outcome}

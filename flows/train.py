@@ -26,12 +26,12 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pipeline.data.datasets import Dataset
 from pipeline.data.importer import import_dataset
 from pipeline.data.tracking import dvc_add
+from pipeline.lifecycle.provenance import commit_data_pointer
 from pipeline.lifecycle.registry import Registry, RegistryBusy
 from pipeline.lifecycle.retrain import already_made, choose_fit, extend_step
 from pipeline.lifecycle.steps import (
     Params,
     ValidationFailed,
-    commit_data_pointer,
     coreset_step,
     evaluate_step,
     extract_step,
@@ -79,13 +79,13 @@ def extend(params: Params, work: Path, registry: Registry, dataset: Dataset, par
 
 
 @task
-def evaluate(dataset: Dataset, params: Params, work: Path) -> dict[str, Any]:
-    return evaluate_step(dataset, work, params)
+def evaluate(dataset: Dataset, params: Params, work: Path, registry: Registry) -> dict[str, Any]:
+    return evaluate_step(dataset, work, params, production=production_metrics(registry, dataset, params))
 
 
 @task
-def gate(dataset: Dataset, params: Params, work: Path, registry: Registry) -> dict[str, Any]:
-    return gate_step(work, params, production_metrics(registry, dataset, params))
+def gate(params: Params, work: Path) -> dict[str, Any]:
+    return gate_step(work, params)
 
 
 @task(retries=2, retry_delay_seconds=2)
@@ -151,16 +151,19 @@ def _train(params: Params, work: Path, registry: Registry, data_dir: str, auto_p
     else:
         timings["extract_s"] = extract(dataset, params, work)["seconds"]
         timings["coreset_s"] = select(params, work)["seconds"]
-    metrics = evaluate(dataset, params, work)
+    metrics = evaluate(dataset, params, work, registry)
     timings["evaluate_s"] = metrics["seconds"]
-    gate(dataset, params, work, registry)
+    gate(params, work)
     outcome = package(params, work, registry, data_hash, timings)
-    report = json.loads((work / "evaluation.json").read_text()).get("report")
+    evaluation = json.loads((work / "evaluation.json").read_text())
+    report = outcome.get("report") or evaluation.get("report")
     if outcome["status"] == "candidate" and auto_promote:
         outcome["promotion"] = promote(registry, outcome["bank_id"])
         outcome["status"] = "production"
     _publish(outcome, metrics, report)  # after promotion: the artifact states the final status
     outcome["report"] = report
+    outcome["evaluation"] = {"metrics": metrics, "production": evaluation.get("production") and
+                             {k: v for k, v in evaluation["production"].items() if k != "scores"}}
     outcome["data_hash"] = data_hash
     outcome["fit"] = fit
     return outcome
@@ -239,12 +242,25 @@ def main(argv: list[str] | None = None) -> int:
     except RegistryBusy as exc:
         print(f"not trained: {exc}", file=sys.stderr)
         return 4
-    print(f"bank {outcome['bank_id']}: {outcome['status']}")
-    print(f"  bank:   {outcome['bank_dir']}")
-    print(f"  report: {outcome['report']}")
-    for failure in outcome["gates"]["failures"]:
-        print(f"  gate failed: {failure}")
+    show_outcome(outcome)
     return 0 if outcome["status"] in ("production", "candidate") else 3
+
+
+def show_outcome(outcome: dict[str, Any]) -> None:
+    """The end of a run for a person: the bank, its operating point beside production's,
+    every gate with its status, and where its report is."""
+    from pipeline.cli_show import gate_lines, operating_line
+
+    print(f"bank {outcome['bank_id']}: {outcome['status']}")
+    print(f"  bank:       {outcome['bank_dir']}")
+    evaluation = outcome.get("evaluation") or {}
+    metrics, production = evaluation.get("metrics") or {}, evaluation.get("production")
+    print(f"  operating:  {operating_line(metrics, metrics.get('threshold')) or 'no threshold'} (test split)")
+    if production:
+        print(f"  production: {production['bank_id']} {operating_line(production, production.get('threshold'))}")
+    for line in gate_lines(outcome["gates"]):
+        print(f"  {line}")
+    print(f"  report:     {outcome['report']}")
 
 
 def _serve(args: argparse.Namespace) -> int:

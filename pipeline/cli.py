@@ -248,7 +248,7 @@ def _history(args: argparse.Namespace) -> dict[str, Any]:
 def _promote(args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.lifecycle.registry import Registry
 
-    return _told(args, Registry(args.registry).promote(args.bank, by=args.by))
+    return _told(args, Registry(args.registry).promote(args.bank, by=args.by, force=args.force))
 
 
 @command("rollback")

@@ -92,6 +92,9 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
             p.add_argument("bank", help="bank id, unique prefix, or 'production'")
         if name == "history":
             p.add_argument("bank", nargs="?", help="only entries to or from this bank")
+        if name == "promote":
+            p.add_argument("--force", action="store_true", help="promote a bank whose gates failed (the log "
+                           "records it as forced), or over a damaged production pointer")
         if name in ("promote", "rollback"):
             p.add_argument("--by", help="who is acting, for the log (default: your user name)")
             p.add_argument("--reload-url", metavar="URL", help="then POST URL/reload so the running service "

@@ -23,14 +23,15 @@ def show_lineage(result: dict[str, Any]) -> None:
     record = result.get("threshold") or {}
     point = result.get("operating_point") or {}
     chosen_on = record.get("chosen_on") or "test split"
-    print(f"  threshold  {threshold}  ({record.get('method')}, chosen on {chosen_on})")
+    shown = f"{threshold:.4f}" if isinstance(threshold, float) else threshold
+    print(f"  threshold  {shown}  ({record.get('method')}, chosen on {chosen_on})")
     parts = [f"{name} {point[key]:{spec}}" for key, name, spec in (
         ("false_reject_rate", "false rejects", ".1%"), ("miss_rate", "misses", ".1%"), ("f1", "F1", ".3f"))
         if point.get(key) is not None]
     if parts:
         print(f"  operating  {'  '.join(parts)}  on the test split")
-    print(f"  gates      {'passed' if gates.get('passed') else 'failed'} ({gates.get('defects', 'real')} defects)"
-          + "".join(f"\n  gate failed: {f}" for f in gates.get("failures", [])))
+    for line in gate_lines(gates):
+        print(f"  {line}")
     if result.get("promoted_at"):
         print(f"  promoted   {result['promoted_at']} by {result.get('promoted_by')}")
     evaluations = result.get("evaluations") or []
@@ -47,6 +48,38 @@ def show_lineage(result: dict[str, Any]) -> None:
         extra = "".join(f"  {k} {event[k]}" for k in ("by", "reason", "from", "model_tag") if event.get(k))
         print(f"    {event['time']}  {event['event']}{extra}")
     print("  (--json for the whole record)")
+
+
+def gate_lines(gates: dict[str, Any]) -> list[str]:
+    """The gates of a run for a person: the verdict with how many checks did not run or
+    passed within noise, then every check with its status in words."""
+    checks = gates.get("checks") or []
+    unrun = sum(c.get("status") == "not evaluated" for c in checks)
+    noisy = sum("note" in c for c in checks)
+    extra = "".join(f", {n} {what}" for n, what in ((unrun, "not evaluated"), (noisy, "within noise")) if n)
+    lines = [f"gates      {'passed' if gates.get('passed') else 'FAILED'} "
+             f"({gates.get('defects', 'real')} defects{extra})"]
+    for c in checks:
+        value = c.get("value")
+        shown = f" = {value:.4f}" if isinstance(value, float) else ""
+        status = {"failed": "FAILED", "not evaluated": "NOT EVALUATED"}.get(c.get("status", ""), c.get("status"))
+        why = c.get("reason") or c.get("note") or c.get("detail")
+        lines.append(f"  {status:<14}{c['name']}{shown}" + (f": {why}" if why else ""))
+    return lines
+
+
+def operating_line(metrics: dict[str, Any], threshold: float | None) -> str | None:
+    """``rejects 3 of 120 good parts (2.5%), misses 7 of 95 defects (7.4%) at threshold
+    21.63``: the operating point in words, or None without a threshold."""
+    if threshold is None:
+        return None
+    parts = []
+    for key, count, what in (("false_reject_rate", "n_good", "good parts"), ("miss_rate", "n_defect", "defects")):
+        rate, n = metrics.get(key), metrics.get(count)
+        if rate is not None and n:
+            verb = "rejects" if key == "false_reject_rate" else "misses"
+            parts.append(f"{verb} {round(rate * n)} of {n} {what} ({rate:.1%})")
+    return ", ".join(parts) + f" at threshold {threshold:.4g}" if parts else None
 
 
 def show_history(result: dict[str, Any]) -> None:

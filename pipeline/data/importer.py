@@ -102,6 +102,19 @@ def import_dataset(spec: str, root: str | Path = "data", *, n_train: int | None 
     return ImportResult(open_dataset(f"mvtec:{root}"), skipped)
 
 
+def dataset_name(spec: str) -> str:
+    """``spec`` as the user named the data: ``mvtec:data`` filled by ``tracebank import
+    elpv:mono`` is ``elpv:mono (imported into data)``; any other spec is itself."""
+    kind, _, path = spec.partition(":")
+    note = Path(path) / "SOURCE.txt"
+    if kind != "mvtec" or not note.is_file() or note.is_symlink():
+        return spec
+    first = note.read_text(errors="replace")[:500].splitlines()[:1]
+    if not first or not first[0].startswith("imported from "):
+        return spec
+    return f"{first[0].removeprefix('imported from ').strip()} (imported into {Path(path).name})"
+
+
 @dataclasses.dataclass(frozen=True)
 class ImportResult:
     """The dataset as imported (readable again with ``mvtec:ROOT``) and the source files

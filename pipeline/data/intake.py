@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import hashlib
 import json
 import os
 import shutil
@@ -21,6 +20,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from pipeline.hashing import sha256_file
 
 from .datasets import IMAGE_SUFFIXES, DatasetError, Sample
 from .importer import safe_join, unique_name
@@ -50,14 +51,6 @@ class AddReport:
         return dataclasses.asdict(self) | {
             "n_added": len(self.added), "n_duplicates": len(self.duplicates), "n_quarantined": len(self.quarantined),
             "n_refused": len(self.refused)}
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:

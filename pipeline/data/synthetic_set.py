@@ -28,9 +28,9 @@ import numpy as np
 from PIL import Image
 
 from pipeline.config import cache_root
+from pipeline.hashing import sha256_file
 
 from .datasets import Dataset, DatasetError, LoadReport, Sample, load_images
-from .intake import sha256_file
 from .synthetic import SyntheticConfig, synthesize
 
 #: Bumped whenever the generator's output for the same settings and images changes.

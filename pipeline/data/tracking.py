@@ -13,7 +13,6 @@ exactly those of DVC's cached listing. Anything else runs ``dvc add``, which dec
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -22,6 +21,8 @@ import time
 from pathlib import Path
 
 import yaml
+
+from pipeline.hashing import sha256_file
 
 from .restore import RestoreError, parse_listing
 
@@ -62,7 +63,7 @@ def dvc_add(data_dir: str | Path = "data", root: str | Path = ".") -> str | None
     stamp = root / STAMP
     if stamp.parent.is_dir() and dvc_file.is_file():
         temporary = stamp.with_suffix(f".{os.getpid()}.tmp")
-        temporary.write_text(json.dumps({"dvc_file_sha256": _sha256(dvc_file), "started_ns": started}))
+        temporary.write_text(json.dumps({"dvc_file_sha256": sha256_file(dvc_file), "started_ns": started}))
         os.replace(temporary, stamp)
     return recorded_hash(dvc_file)
 
@@ -73,7 +74,7 @@ def unchanged_since_add(data_dir: Path, dvc_file: Path, data_hash: str, cache: P
     docstring). False whenever that cannot be told, never a wrong True."""
     try:
         seen = json.loads(stamp.read_text())
-        if seen.get("dvc_file_sha256") != _sha256(dvc_file):
+        if seen.get("dvc_file_sha256") != sha256_file(dvc_file):
             return False
         started = int(seen["started_ns"])
         digest = f"{data_hash.removesuffix('.dir')}.dir"
@@ -94,5 +95,3 @@ def unchanged_since_add(data_dir: Path, dvc_file: Path, data_hash: str, cache: P
     return bool(expected) and found == expected
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -143,7 +143,7 @@ def extend_bank(
     Raises:
         ValueError: if ``spec`` holds no training image the parent has not seen.
     """
-    from pipeline.data.intake import sha256_file
+    from pipeline.hashing import sha256_file
     from pipeline.patchcore.bank import load_bank
     from pipeline.patchcore.incremental import extend_coreset, extended_bank_size
 

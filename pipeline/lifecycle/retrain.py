@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.config import ConfigError
 from pipeline.data.datasets import Dataset
-from pipeline.data.intake import sha256_file
+from pipeline.hashing import sha256_file
 
 from .registry import Registry
 

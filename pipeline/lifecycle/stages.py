@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.data.datasets import LoadReport, Sample, batched, load_images
-from pipeline.patchcore.backbone import sha256_file
+from pipeline.hashing import sha256_file
 from pipeline.patchcore.features import FeatureExtractor
 
 FEATURES_FILE = "features.npy"

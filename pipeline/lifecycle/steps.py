@@ -15,11 +15,8 @@ Work directory (``runs/`` by default)::
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import os
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -29,13 +26,16 @@ import yaml
 
 from pipeline.config import CoresetConfig, FeatureConfig, ScoringConfig, ThresholdConfig, from_mapping, to_dict
 from pipeline.data.datasets import Dataset, hold_out_calibration, open_dataset
+from pipeline.data.importer import dataset_name
 from pipeline.data.synthetic import SyntheticConfig
 from pipeline.data.synthetic_set import describe as describe_eval_set
 from pipeline.data.synthetic_set import is_synthetic
 from pipeline.data.validation import ValidationConfig, ValidationResult, validate_samples
+from pipeline.hashing import sha256_file
 from pipeline.patchcore.bank import update_manifest
 
 from .gates import GateConfig, check_gates
+from .provenance import files_data_hash, git_state
 from .registry import Registry, write_json_atomic
 from .retrain import RetrainConfig
 
@@ -152,9 +152,11 @@ def coreset_step(params: Params, work: Path, spec: str, on_centres: Any = None) 
 
 
 def evaluate_step(dataset: Dataset, work: Path, params: Params, on_batch: Any = None,
-                  metrics_dir: Path | None = None) -> dict[str, Any]:
+                  metrics_dir: Path | None = None, production: dict[str, Any] | None = None) -> dict[str, Any]:
     """Metrics, threshold, curves and the HTML report of the candidate bank; ``metrics.json``
-    and ``plots/*.csv`` go to ``metrics_dir`` (default ``work``)."""
+    and ``plots/*.csv`` go to ``metrics_dir`` (default ``work``). ``production`` (from
+    :func:`production_metrics`, on the same images) is kept in ``evaluation.json`` for the
+    gates and shown in the report beside the candidate."""
     from pipeline.evaluation.evaluate import evaluate
     from pipeline.evaluation.report import write_report
     from pipeline.patchcore.bank import load_bank
@@ -168,14 +170,46 @@ def evaluate_step(dataset: Dataset, work: Path, params: Params, on_batch: Any = 
     metrics = dict(result.metrics)
     metrics["seconds"] = time.perf_counter() - start
     eval_set = describe_eval_set(dataset)
-    report = write_report(result, work / "report", title=f"bank {manifest['bank_id']} on {dataset.spec}",
+    per_image = {"labels": [int(s.label) for s in result.samples], "scores": [float(x) for x in result.scores]}
+    evaluation = {"bank_id": manifest["bank_id"], "metrics": metrics, "evaluation_set": eval_set,
+                  "per_image": per_image, "production": production}
+    gates = judge(evaluation, params)
+    shown = None if production is None else {
+        "bank_id": production["bank_id"], "threshold": production.get("threshold"), "scores": production["scores"],
+        "metrics": {k: v for k, v in production.items() if k != "scores"}}
+    info = {"value": metrics.get("threshold"), "method": metrics.get("threshold_method"), "chosen_on": chosen_on,
+            "n_calibration": metrics.get("threshold_n_calibration"), "ci": metrics.get("threshold_ci")}
+    report = write_report(result, work / "report", title=f"bank {manifest['bank_id']}",
+                          dataset=dataset_name(params.data),
                           threshold=metrics.get("threshold"), curves_dir=(metrics_dir or work) / "plots",
-                          synthetic=eval_set)
-    write_json_atomic(work / "evaluation.json", {"bank_id": manifest["bank_id"], "metrics": metrics,
-                                                 "evaluation_set": eval_set, "report": str(report)})
+                          synthetic=eval_set, threshold_info=info, production=shown, gates=gates)
+    write_json_atomic(work / "evaluation.json", evaluation | {"report": str(report), "gates": gates})
     write_json_atomic((metrics_dir or work) / "metrics.json", {k: metrics.get(k) for k in METRIC_KEYS})
     return metrics
 
+
+def judge(evaluation: dict[str, Any], params: Params) -> dict[str, Any]:
+    """The gates of an ``evaluation.json``: floors, non-regression and the operating point
+    against production, each bank deciding the same test images at its own threshold."""
+    metrics, production = evaluation["metrics"], evaluation.get("production")
+    per_image, threshold = evaluation.get("per_image") or {}, metrics.get("threshold")
+    decisions: dict[str, Any] | None = None
+    if per_image.get("labels") is not None and threshold is not None:
+        decisions = {"labels": per_image["labels"], "candidate": [s >= threshold for s in per_image["scores"]],
+                     "production": None}
+        if production is not None:
+            scores, own = production.get("scores"), production.get("threshold")
+            if scores is None or own is None or len(scores) != len(per_image["labels"]):
+                decisions["unavailable"] = "production was not scored on the same test images at a threshold"
+            else:
+                decisions["production"] = [s >= own for s in scores]
+    shown = None if production is None else {k: v for k, v in production.items() if k != "scores"}
+    return check_gates(metrics, params.gates, shown, synthetic=evaluation.get("evaluation_set") is not None,
+                       decisions=decisions) | {"production_metrics": shown}
+
+
+#: The folder of a bank's directory that holds the report of its registration.
+REPORT_DIR = "report"
 
 #: The metrics a lineage and ``metrics.json`` keep.
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "pro", "n_good", "n_defect", "f1", "false_reject_rate", "miss_rate")
@@ -198,87 +232,33 @@ def threshold_settings(model: PatchCore, params: Params, dataset: Dataset) -> tu
 
 
 def production_metrics(registry: Registry, dataset: Dataset, params: Params) -> dict[str, Any] | None:
-    """Metrics of the production bank on the same evaluation set (re-evaluated, so the
-    comparison is on identical images), or None when there is no production bank."""
+    """The production bank on the candidate's test images, deciding at its own recorded
+    threshold (the one the line runs on), or None when there is no production bank. Keys:
+    the metrics, ``bank_id``, ``threshold``, ``threshold_source`` and the per-image
+    ``scores`` (the order of ``dataset.test``)."""
     from pipeline.evaluation.evaluate import evaluate
     from pipeline.patchcore.bank import load_bank
 
     pointer = registry.production()
     if pointer is None:
         return None
-    model, _ = load_bank(registry.bank_dir("production"))
-    return evaluate(model, dataset.test, batch_size=params.batch_size, keep_maps=True,
-                    **threshold_settings(model, params, dataset)[0]).metrics
+    model, manifest = load_bank(registry.bank_dir("production"))
+    own = (manifest.get("threshold") or {}).get("value")
+    if own is not None:
+        settings: dict[str, Any] = {"fixed_threshold": (float(own), manifest["threshold"].get("method") or "recorded")}
+        source = "its own recorded threshold"
+    else:  # a bank registered without one: chosen now, as the candidate's is
+        settings, source = threshold_settings(model, params, dataset)[0], "chosen now (none recorded)"
+    result = evaluate(model, dataset.test, batch_size=params.batch_size, keep_maps=True, **settings)
+    return dict(result.metrics) | {"bank_id": manifest["bank_id"], "threshold_source": source,
+                                   "scores": [float(x) for x in result.scores]}
 
 
-def gate_step(work: Path, params: Params, production: dict[str, Any] | None) -> dict[str, Any]:
-    evaluation = json.loads((work / "evaluation.json").read_text())
-    result = check_gates(evaluation["metrics"], params.gates, production,
-                         synthetic=evaluation.get("evaluation_set") is not None)
-    result["production_metrics"] = production
+def gate_step(work: Path, params: Params) -> dict[str, Any]:
+    """Judge the candidate of ``evaluation.json`` (see :func:`judge`) into ``gate.json``."""
+    result = judge(json.loads((work / "evaluation.json").read_text()), params)
     write_json_atomic(work / "gate.json", result)
     return result
-
-
-def git_state(root: str | Path = ".") -> dict[str, Any]:
-    """Commit of the code that made a bank and whether the tree had uncommitted changes."""
-    def run(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return ""
-
-    commit = run("rev-parse", "HEAD")
-    dirty = bool(run("status", "--porcelain", "--untracked-files=no")) if commit else None
-    return {"git_commit": commit or None, "git_dirty": dirty}
-
-
-def commit_data_pointer(paths: list[str | Path], message: str, root: str | Path = ".") -> str | None:
-    """Commit exactly ``paths`` (DVC's pointer files) to git, leaving everything else staged
-    or not as it was; returns the new commit, or None when nothing changed.
-
-    Raises:
-        RuntimeError: not a git checkout, or git refused (the message is git's).
-    """
-    present = [str(p) for p in paths if (Path(root) / p).is_file()]
-
-    def git(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
-
-    if not present:
-        return None
-    if git("rev-parse", "--git-dir").returncode != 0:
-        raise RuntimeError(f"retrain.git_commit is true but {Path(root).resolve().name} is not a git checkout")
-    if not git("status", "--porcelain", "--", *present).stdout.strip():
-        return None
-    done = git("commit", "--only", "-m", message, "--", *present)
-    if done.returncode != 0 and "did not match" in done.stderr:  # never added: add, then commit only them
-        git("add", "--", *present)
-        done = git("commit", "--only", "-m", message, "--", *present)
-    if done.returncode != 0:
-        raise RuntimeError(f"git commit of {', '.join(present)} failed: {(done.stderr or done.stdout).strip()}")
-    return git("rev-parse", "HEAD").stdout.strip() or None
-
-
-def files_data_hash(files: list[dict[str, str]]) -> str | None:
-    """A hash of a bank's training files (names relative to their common folder, and contents
-    by sha256), for banks whose data DVC does not track."""
-    if not files:
-        return None
-    paths = [Path(f["path"]) for f in files]
-    common = Path(os.path.commonpath([str(p.parent) for p in paths])) if len(paths) > 1 else paths[0].parent
-    rows = sorted([p.relative_to(common).as_posix() if p.is_relative_to(common) else p.name, f["sha256"]]
-                  for p, f in zip(paths, files, strict=True))
-    return hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()
-
-
-def dvc_data_hash(dvc_file: str | Path = "data.dvc") -> str | None:
-    """The md5 DVC records for the tracked data (``outs[0].md5`` of ``data.dvc``)."""
-    path = Path(dvc_file)
-    if not path.is_file():
-        return None
-    outs = (yaml.safe_load(path.read_text()) or {}).get("outs") or []
-    return outs[0].get("md5") if outs else None
 
 
 def register_step(
@@ -292,6 +272,12 @@ def register_step(
     staging = work / "package"
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(work / "candidate", staging)
+    report = None
+    if evaluation.get("report") and Path(evaluation["report"]).is_file():  # kept with the bank, never rewritten
+        shutil.copytree(Path(evaluation["report"]).parent, staging / REPORT_DIR, symlinks=False)
+        report = {"path": f"{REPORT_DIR}/{Path(evaluation['report']).name}",
+                  "sha256": {p.relative_to(staging).as_posix(): sha256_file(p)
+                             for p in sorted((staging / REPORT_DIR).rglob("*")) if p.is_file()}}
     threshold = None
     if metrics.get("threshold") is not None:
         threshold = {"value": metrics["threshold"], "method": metrics["threshold_method"], "evaluated_on": params.data,
@@ -318,12 +304,14 @@ def register_step(
         | {"measured_on": "test split"},
         "gates": gate,
         "timings": timings or {},
-        "report": evaluation.get("report"),
+        "report": report,
         "status": "candidate" if gate["passed"] else "rejected",
         "promoted_at": None,
     }
     bank_id = registry.register(staging, lineage)
-    return {"bank_id": bank_id, "status": lineage["status"], "gates": gate, "bank_dir": str(registry.root / bank_id)}
+    kept = registry.root / bank_id / REPORT_DIR / "report.html"  # this run's, or the first registration's
+    return {"bank_id": bank_id, "status": lineage["status"], "gates": gate, "bank_dir": str(registry.root / bank_id),
+            "report": str(kept) if kept.is_file() else evaluation.get("report")}
 
 
 def register_fitted_bank(

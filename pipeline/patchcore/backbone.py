@@ -17,6 +17,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.hashing import sha256_file
+
 if TYPE_CHECKING:  # torch and timm load on first use: the registry and the scheduled flow hash files only
     import torch
     from torch import nn
@@ -51,15 +53,6 @@ class Backbone:
     strides: tuple[int, ...]
     weights_source: str
     weights_sha256: str
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def packaged_weights_path(name: str) -> Path:

@@ -24,8 +24,9 @@ import numpy as np
 
 from pipeline import __version__
 from pipeline.config import CoresetConfig, FeatureConfig, ScoringConfig, from_mapping, to_dict
+from pipeline.hashing import sha256_file
 
-from .backbone import packaged_weights_path, sha256_file
+from .backbone import packaged_weights_path
 
 if TYPE_CHECKING:  # the model (torch, faiss) loads with a bank, not to read or verify a manifest
     from .model import PatchCore

@@ -63,8 +63,13 @@ def make_project(root: Path, *, gates: dict | None = None) -> Path:
 
 
 def production(project: Path) -> str | None:
-    pointer = project / "banks" / "PRODUCTION.json"
-    return json.loads(pointer.read_text())["bank_id"] if pointer.is_file() else None
+    """The production bank as every reader of the registry sees it: replayed from the
+    promotion log (``PRODUCTION.json`` is rewritten from it, and a kill between the two
+    writes leaves the pointer one promotion behind the log until the next one)."""
+    from pipeline.lifecycle.registry import Registry
+
+    pointer = Registry(project / "banks").production()
+    return pointer["bank_id"] if pointer else None
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +166,7 @@ def test_interrupted_promotion_keeps_a_complete_production_bank(flow_project):
         proc.send_signal(signal.SIGKILL)
         assert proc.wait() == -signal.SIGKILL, "`tracebank promote` ended before the kill"
         now = production(project)
-        assert now in (old, candidate), f"after a kill {delay} s into the promotion PRODUCTION.json names {now}"
+        assert now in (old, candidate), f"after a kill {delay} s into the promotion the log names {now}"
         read_manifest(project / "banks" / now)  # complete and hash-valid
         assert _tree_sha256(project / "banks" / old) == old_files  # every file, byte for byte
         assert _tree_sha256(project / "banks" / candidate) == new_files

@@ -67,6 +67,10 @@ def test_reruns_and_a_stricter_gate_leave_every_file_of_the_production_bank_as_i
     assert production(project) == first
 
     assert _tree_sha256(folder) == before  # every file, byte for byte
+    # its report was kept with it, as its record hashed it, though each rerun wrote a new one in runs/
+    kept = json.loads((folder / "lineage.json").read_text())["report"]
+    assert kept["path"] == "report/report.html" and kept["sha256"]
+    assert kept["sha256"] == {name: sha for name, sha in before.items() if name.startswith("report/")}
     lineage = json.loads(run(project, str(BIN / "tracebank"), "lineage", "production", "--json").stdout)
     assert lineage["bank_id"] == first and lineage["status"] == "production"
     assert lineage["gates"]["passed"]  # the record as registered

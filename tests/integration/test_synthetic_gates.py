@@ -80,7 +80,8 @@ def test_a_good_only_line_is_gated_on_synthetic_defects_and_a_broken_bank_is_not
     assert gates["passed"] and gates["defects"] == "synthetic"
     assert {c["name"] for c in gates["checks"]} >= {"synthetic image_auroc >= 0.8", "synthetic pro >= 0.6"}
     assert lineage["metrics"]["image_auroc"] >= 0.8 and lineage["metrics"]["pro"] >= 0.6
-    assert "Synthetic defects" in (project / lineage["report"]).read_text()
+    kept = project / "banks" / lineage["bank_id"] / lineage["report"]["path"]
+    assert "Synthetic defects" in kept.read_text()
 
     _random_weights(tmp_path / "random.safetensors")
     params = yaml.safe_load((project / "params.yaml").read_text())

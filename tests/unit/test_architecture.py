@@ -16,9 +16,9 @@ PIPELINE = REPO / "pipeline"
 
 #: What each room may import from inside ``pipeline`` (besides itself).
 ALLOWED = {
-    "pipeline.patchcore": ("pipeline.config", "pipeline"),
-    "pipeline.data": ("pipeline.config", "pipeline"),
-    "pipeline.evaluation": ("pipeline.config", "pipeline", "pipeline.data", "pipeline.patchcore"),
+    "pipeline.patchcore": ("pipeline.config", "pipeline.hashing", "pipeline"),
+    "pipeline.data": ("pipeline.config", "pipeline.hashing", "pipeline"),
+    "pipeline.evaluation": ("pipeline.config", "pipeline.hashing", "pipeline", "pipeline.data", "pipeline.patchcore"),
 }
 FORBIDDEN_EVERYWHERE = ("prefect", "dvc", "bentoml", "flows", "serving", "benchmarks")
 

@@ -3,7 +3,8 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from pipeline.patchcore.backbone import BackboneError, load_backbone, packaged_weights_path, sha256_file
+from pipeline.hashing import sha256_file
+from pipeline.patchcore.backbone import BackboneError, load_backbone, packaged_weights_path
 
 
 def test_default_weights_load_offline_with_hash():

@@ -1,10 +1,14 @@
 """Promotion gates against hand-worked cases: each floor, non-regression, missing metrics."""
 
+import dataclasses
+
 import pytest
 
-from pipeline.lifecycle.gates import GateConfig, check_gates
+from pipeline.lifecycle.gates import GateConfig, check_gates, rise_p_value
 
-CONFIG = GateConfig(image_auroc_min=0.9, pro_min=0.7, pixel_auroc_min=0.8, max_regression=0.02)
+#: The floors and non-regression alone: the operating-point gates have their own tests below.
+FLOORS = {"max_miss_increase": None, "max_false_reject_increase": None}
+CONFIG = GateConfig(image_auroc_min=0.9, pro_min=0.7, pixel_auroc_min=0.8, max_regression=0.02, **FLOORS)
 GOOD = {"image_auroc": 0.95, "pro": 0.75, "pixel_auroc": 0.85}
 
 
@@ -50,7 +54,7 @@ def test_floors_without_masks_are_reported_not_evaluated_or_fail_when_masks_are_
     assert statuses == {"image_auroc >= 0.9": "passed", "pro >= 0.7": "not evaluated",
                         "pixel_auroc >= 0.8": "not evaluated"}
     strict = check_gates(no_masks, GateConfig(image_auroc_min=0.9, pro_min=0.7, pixel_auroc_min=0.8,
-                                              require_masks=True))
+                                              require_masks=True, **FLOORS))
     assert not strict["passed"] and len(strict["failures"]) == 2
     assert all("no masks" in f for f in strict["failures"])
 
@@ -58,8 +62,9 @@ def test_floors_without_masks_are_reported_not_evaluated_or_fail_when_masks_are_
 def test_a_missing_image_auroc_fails_and_a_disabled_floor_is_not_checked():
     result = check_gates({"pro": 0.9, "pixel_auroc": 0.9}, CONFIG)
     assert not result["passed"] and result["failures"][0].startswith("image_auroc >= 0.9 failed (got None)")
-    loose = check_gates({"image_auroc": 0.5}, GateConfig(image_auroc_min=None, pro_min=None, pixel_auroc_min=None))
-    assert loose == {"passed": True, "defects": "real", "checks": [], "failures": []}
+    loose = check_gates({"image_auroc": 0.5}, GateConfig(image_auroc_min=None, pro_min=None, pixel_auroc_min=None,
+                                                         **FLOORS))
+    assert loose == {"passed": True, "defects": "real", "checks": [], "failures": [], "flags": []}
 
 
 def test_a_production_metric_that_is_missing_skips_only_that_comparison():
@@ -75,7 +80,7 @@ def test_floors_outside_zero_one_are_refused():
 
 
 def test_the_false_reject_ceiling_is_met_at_equality_and_fails_above_or_unmeasured():
-    config = GateConfig(image_auroc_min=None, pro_min=None, pixel_auroc_min=None, max_false_reject=0.05)
+    config = GateConfig(image_auroc_min=None, pro_min=None, pixel_auroc_min=None, max_false_reject=0.05, **FLOORS)
     assert check_gates({"false_reject_rate": 0.05}, config)["passed"]  # 3 of 60 good parts rejected
     above = check_gates({"false_reject_rate": 4 / 60}, config)
     assert not above["passed"] and above["failures"] == ["false_reject_rate <= 0.05 failed (got 0.0667)"]
@@ -98,7 +103,7 @@ def test_the_whole_report_of_a_candidate_without_masks_on_a_line_with_a_producti
     # image AUROC floor disabled; no masks; production lacks image AUROC (compared on another
     # set), so only PRO is compared: 0.75 against 0.875 - 0.125 = 0.75 passes at equality.
     config = GateConfig(image_auroc_min=None, pro_min=0.7, pixel_auroc_min=0.8, max_regression=0.125,
-                        max_false_reject=0.05)
+                        max_false_reject=0.05, **FLOORS)
     metrics = {"image_auroc": 0.75, "pro": 0.75, "pixel_auroc": None, "false_reject_rate": 0.1}
     production = {"image_auroc": None, "pro": 0.875, "pixel_auroc": 0.9}
     assert check_gates(metrics, config, production) == {
@@ -113,11 +118,12 @@ def test_the_whole_report_of_a_candidate_without_masks_on_a_line_with_a_producti
             {"name": "false_reject_rate <= 0.05", "value": 0.1, "limit": 0.05, "passed": False, "status": "failed"},
         ],
         "failures": ["false_reject_rate <= 0.05 failed (got 0.1)"],
+        "flags": [],
     }
 
 
 def test_the_whole_report_of_a_candidate_failing_every_way_with_masks_required():
-    config = GateConfig(image_auroc_min=0.9, pro_min=0.7, pixel_auroc_min=0.8, require_masks=True)
+    config = GateConfig(image_auroc_min=0.9, pro_min=0.7, pixel_auroc_min=0.8, require_masks=True, **FLOORS)
     metrics = {"pro": 0.5, "pixel_auroc": None}  # no image AUROC at all
     production = {"image_auroc": 0.95, "pro": 0.625}
     assert check_gates(metrics, config, production) == {
@@ -137,6 +143,7 @@ def test_the_whole_report_of_a_candidate_failing_every_way_with_masks_required()
             "pixel_auroc >= 0.8 failed (got None); gates.require_masks is true but the evaluation set has no masks",
             "pro not below production 0.6250 - 0.02 failed (got 0.5)",
         ],
+        "flags": [],
     }
 
 
@@ -157,3 +164,94 @@ def test_a_ceiling_outside_zero_one_or_a_negative_regression_is_refused_with_the
         GateConfig(max_regression=-0.01)
     with pytest.raises(ValueError, match=r"gates.image_auroc_min must be in \[0, 1\] or null, got -0.5"):
         GateConfig(image_auroc_min=-0.5)
+
+
+# The operating point against production, worked by hand: 20 defective and 10 good test
+# images, each bank deciding them at its own threshold (True = rejected).
+OP = GateConfig(image_auroc_min=None, pro_min=None, pixel_auroc_min=None, max_miss_increase=0.05,
+                max_false_reject_increase=0.05, confidence=0.95)
+LABELS = [1] * 20 + [0] * 10
+
+
+def decided(missed, false_rejects=()):
+    """Decisions that miss the defective images at ``missed`` and reject the good ones at
+    ``false_rejects`` (indices among the good ones)."""
+    return [i not in missed for i in range(20)] + [i in false_rejects for i in range(10)]
+
+
+def op_gates(candidate, production, config=OP):
+    result = check_gates({}, config, decisions={"labels": LABELS, "candidate": candidate, "production": production})
+    return result, by_name(result)
+
+
+def test_a_miss_rate_rise_beyond_noise_fails_with_the_counts_it_rests_on():
+    # production misses 2 of 20 (0.10); the candidate misses those and 5 more (0.35): 5 images
+    # decided worse, none better; p = 0.5 ** 5 = 1/32 < 0.05.
+    result, checks = op_gates(decided({0, 1, 2, 3, 4, 5, 6}), decided({0, 1}))
+    miss = checks["miss_rate not above production's + 0.05"]
+    assert miss["status"] == "failed" and not result["passed"]
+    assert (miss["value"], miss["production"], miss["worse"], miss["better"], miss["n"]) == (0.35, 0.1, 5, 0, 20)
+    assert miss["p_value"] == pytest.approx(1 / 32) and miss["limit"] == pytest.approx(0.15)
+    assert result["failures"] == [
+        "miss_rate not above production's + 0.05 failed (got 0.35); 2 -> 7 of 20 defective test images; "
+        "5 decided worse and 0 better than by production, p = 0.0312"]
+    assert checks["false_reject_rate not above production's + 0.05"]["status"] == "passed"
+
+
+def test_a_rise_within_noise_passes_flagged_and_fails_when_no_noise_is_allowed():
+    # misses {0, 2, 3, 4} against {0, 1}: 3 worse, 1 better, rise 0.10; p = (4 + 1) / 16.
+    candidate, production = decided({0, 2, 3, 4}), decided({0, 1})
+    result, checks = op_gates(candidate, production)
+    miss = checks["miss_rate not above production's + 0.05"]
+    assert result["passed"] and miss["status"] == "passed" and miss["p_value"] == pytest.approx(5 / 16)
+    assert result["flags"] == [
+        "miss_rate not above production's + 0.05: rose +0.1000, past the setting but within noise at 95% "
+        "(2 -> 4 of 20 defective test images; 3 decided worse and 1 better than by production, p = 0.312)"]
+    strict, _ = op_gates(candidate, production, dataclasses.replace(OP, confidence=None))
+    assert not strict["passed"] and strict["flags"] == []
+
+
+def test_a_rise_at_the_setting_passes_and_a_swap_is_no_rise():
+    result, checks = op_gates(decided({0, 1, 2}), decided({0, 1}))  # 0.10 -> 0.15: +0.05, at the setting
+    assert result["passed"] and result["flags"] == []
+    assert checks["miss_rate not above production's + 0.05"]["rise"] == pytest.approx(0.05)
+    swapped, checks = op_gates(decided({0, 2}), decided({0, 1}))  # one worse, one better
+    assert checks["miss_rate not above production's + 0.05"]["rise"] == 0 and swapped["flags"] == []
+
+
+def test_false_rejects_are_compared_on_the_good_images_only():
+    # the candidate rejects 3 of 10 good parts that production accepts: p = 1/8, within noise
+    # at 95%, beyond it at 85%; its misses equal production's.
+    candidate, production = decided({0}, {1, 4, 7}), decided({0})
+    result, checks = op_gates(candidate, production)
+    fr = checks["false_reject_rate not above production's + 0.05"]
+    assert (fr["value"], fr["production"], fr["n"], fr["worse"]) == (0.3, 0.0, 10, 3) and result["passed"]
+    loose, _ = op_gates(candidate, production, dataclasses.replace(OP, confidence=0.85))
+    assert not loose["passed"] and loose["failures"][0].startswith("false_reject_rate not above production's")
+
+
+def test_without_a_production_bank_the_comparison_is_not_evaluated_and_says_why():
+    result = check_gates({}, OP, decisions={"labels": LABELS, "candidate": decided(set()), "production": None})
+    assert result["passed"]
+    assert {c["status"] for c in result["checks"]} == {"not evaluated"}
+    assert {c["reason"] for c in result["checks"]} == {"there is no production bank to compare with"}
+    unknown = check_gates({}, OP)
+    assert {c["reason"] for c in unknown["checks"]} == {"the banks' decisions on the test images were not given"}
+
+
+def test_the_miss_rate_ceiling_names_the_images_and_their_exact_interval():
+    config = GateConfig(image_auroc_min=None, pro_min=None, pixel_auroc_min=None, max_miss_rate=0.3, **FLOORS)
+    result = check_gates({"miss_rate": 7 / 20, "n_defect": 20}, config)
+    check = by_name(result)["miss_rate <= 0.3"]
+    assert not result["passed"] and check["n"] == 20
+    assert check["interval"] == pytest.approx([0.1539, 0.5922], abs=1e-4)  # Clopper-Pearson, binom.test(7, 20)
+    assert result["failures"] == [
+        "miss_rate <= 0.3 failed (got 0.35); 7 of 20 defective test images, interval 0.154-0.592"]
+    assert check_gates({"miss_rate": 0.3, "n_defect": 20}, config)["passed"]
+
+
+def test_the_exact_mcnemar_tail_by_hand():
+    assert rise_p_value(5, 0) == 1 / 32
+    assert rise_p_value(3, 1) == 5 / 16
+    assert rise_p_value(0, 0) == 1.0
+    assert rise_p_value(0, 4) == 1.0

@@ -6,7 +6,7 @@ import pytest
 
 from pipeline.config import CoresetConfig
 from pipeline.data.datasets import Dataset
-from pipeline.data.intake import sha256_file
+from pipeline.hashing import sha256_file
 from pipeline.lifecycle.registry import Registry
 from pipeline.lifecycle.retrain import RetrainConfig, choose_fit
 from pipeline.lifecycle.steps import Params

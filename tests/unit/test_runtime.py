@@ -10,7 +10,7 @@ import torch
 
 from pipeline.config import ConfigError, CoresetConfig, FeatureConfig
 from pipeline.data.datasets import load_images
-from pipeline.patchcore.backbone import sha256_file
+from pipeline.hashing import sha256_file
 from pipeline.patchcore.features import FeatureExtractor
 from pipeline.patchcore.model import PatchCore
 from pipeline.patchcore.runtime import OnnxEmbedding, cache_key, export_settings

@@ -9,9 +9,9 @@ import numpy as np
 from pipeline.config import CoresetConfig
 from pipeline.data.datasets import Dataset, calibration_draw, load_images, open_dataset
 from pipeline.data.images import read_image, read_mask
-from pipeline.data.intake import sha256_file
 from pipeline.data.synthetic import SyntheticConfig
 from pipeline.data.synthetic_set import synthetic_dataset
+from pipeline.hashing import sha256_file
 from pipeline.lifecycle.registry import Registry
 from pipeline.lifecycle.retrain import choose_fit
 from pipeline.lifecycle.steps import Params
