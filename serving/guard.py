@@ -1,18 +1,29 @@
-"""ASGI middleware that refuses oversized or mistyped requests before their body is read.
+"""ASGI middleware that bounds what one request may cost before the service sees it.
 
 Note:
     The size limit is enforced twice: on the declared ``Content-Length`` (refused without
     reading anything) and on the bytes actually received (a chunked or lying client is cut
     off at the limit), so an upload never costs more memory than the limit. The body is
     buffered (at most the limit) so a multipart form can be checked and then replayed.
+
+    A body must also arrive within ``receive_s`` (408 otherwise, and the connection is
+    closed): a client that trickles a byte every few seconds holds nothing for long. And a
+    request takes one of the ``max_concurrency`` slots only once its body is complete, so
+    any number of slow uploads never locks out a client that sends its image at once (the
+    slots bound the work, not the connections). What the bodies being received may hold
+    together is bounded by ``max_concurrency * max_bytes`` bytes (429 past it), the memory
+    that the slots alone bounded before.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -31,73 +42,154 @@ ACCEPTED_TYPES = ("multipart/form-data", "application/json")
 
 #: The form fields ``/predict`` takes, and whether each is a file or text.
 FORM_FIELDS = {"image": "file", "image_b64": "text", "part_id": "text", "output": "text"}
+#: Paths answered without a slot or a body deadline (probes must answer while the service is busy).
+OPEN_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/metrics"})
+#: Methods whose requests carry no body to wait for.
+BODILESS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+#: When the request in this context arrived (``time.perf_counter()``), set by :class:`RequestGuard`:
+#: the service counts its request deadline from it, on the same clock as BentoML's own timeout.
+ARRIVAL: ContextVar[float] = ContextVar("tracebank_arrival")
+
+
+def arrival() -> float:
+    """When the current request arrived; now, outside a request the guard has seen."""
+    return ARRIVAL.get(None) or time.perf_counter()
+
+
+class _Refusal(Exception):
+    """A request refused while its body is read: status, message, and whether the connection
+    must be closed (its body was not read to the end)."""
+
+    def __init__(self, status: int, message: str, *, close: bool = False) -> None:
+        super().__init__(message)
+        self.status, self.message, self.close = status, message, close
 
 
 class RequestGuard:
-    """Refuse requests to ``paths`` that are too large (413) or of the wrong type (415).
+    """Bound every request's body (size, type, time) and the requests in progress.
 
     Args:
         app: the wrapped ASGI application.
-        max_bytes: largest accepted request body.
-        paths: request paths to guard (POST only).
-        observe: called with the path and HTTP status of every answer to a guarded request,
-            refusals included (for the service's request counters).
+        max_bytes: largest accepted request body (413 past it).
+        paths: request paths whose POST bodies are checked as ``/predict`` forms (415 for
+            another content type, 400 for a malformed or unexpected form).
+        observe: called with the path and HTTP status of every answer to a request to
+            ``paths``, refusals included (for the service's request counters).
+        receive_s: longest time a body may take to arrive, from the request's start (408).
+        max_concurrency: requests in progress at once, counted from a complete body (429
+            past it); the paths of :data:`OPEN_PATHS` are not counted.
     """
 
     def __init__(self, app: ASGIApp, *, max_bytes: int, paths: tuple[str, ...],
-                 observe: Callable[[str, int], None] | None = None) -> None:
+                 observe: Callable[[str, int], None] | None = None, receive_s: float = 10.0,
+                 max_concurrency: int = 64) -> None:
         if max_bytes <= 0:
             raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+        if receive_s <= 0:
+            raise ValueError(f"receive_s must be positive, got {receive_s}")
+        if max_concurrency <= 0:
+            raise ValueError(f"max_concurrency must be positive, got {max_concurrency}")
         self.app = app
         self.max_bytes = max_bytes
         self.paths = frozenset(paths)
         self.observe = observe
+        self.receive_s = receive_s
+        self.max_concurrency = max_concurrency
+        self.max_buffered = max_concurrency * max_bytes
+        self._busy = 0  # requests in a slot; one event loop, so plain counters are exact
+        self._buffered = 0  # bytes held by bodies of requests not yet finished
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") not in self.paths:
+        if scope["type"] != "http" or scope.get("path") in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
-        if self.observe is not None:
+        ARRIVAL.set(time.perf_counter())
+        form = scope.get("method") == "POST" and scope.get("path") in self.paths
+        if form and self.observe is not None:
             send = _observed(send, scope["path"], self.observe)
+        if scope.get("method") in BODILESS:
+            await self._in_slot(scope, receive, send)
+            return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         media_type = headers.get("content-type", "").split(";")[0].strip().lower()
-        if media_type not in ACCEPTED_TYPES:
+        if form and media_type not in ACCEPTED_TYPES:
             await _refuse(send, 415, f"content type {media_type or '(none)'!r} is not accepted on {scope['path']}; "
                           "send multipart/form-data (field 'image') or application/json (field 'image_b64')")
             return
-        declared = headers.get("content-length")
+        try:
+            body = await self._body(receive, headers.get("content-length"))
+        except _Refusal as refusal:
+            await _refuse(send, refusal.status, refusal.message, close=refusal.close)
+            return
+        if body is None:  # the client went away
+            return
+        try:
+            if form and media_type == "multipart/form-data":
+                problem, payload, field = await _check_form(scope, body, headers.get("content-type", ""))
+                if problem is not None:
+                    await _refuse(send, 400, problem, field)
+                    return
+                scope = dict(scope)
+                scope["headers"] = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
+                scope["headers"].append((b"content-length", str(len(payload)).encode()))
+            else:
+                payload = body
+            await self._in_slot(scope, _replay(payload), _uniform_errors(send) if form else send)
+        finally:
+            self._buffered -= len(body)
+
+    async def _in_slot(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._busy >= self.max_concurrency:
+            await _refuse(send, 429, f"too many requests in progress ({self.max_concurrency}); retry shortly")
+            return
+        self._busy += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self._busy -= 1
+
+    async def _body(self, receive: Receive, declared: str | None) -> bytes | None:
+        """The whole body, read within the size limit, the buffer budget and ``receive_s``
+        (its bytes stay counted in the budget until the caller subtracts them); None when
+        the client went away.
+
+        Raises:
+            _Refusal: 400 (bad ``Content-Length``), 413 (too large), 429 (buffers full), 408 (too slow).
+        """
         if declared is not None:
             try:
                 size = int(declared)
             except ValueError:
-                await _refuse(send, 400, f"Content-Length {declared!r} is not a number")
-                return
+                raise _Refusal(400, f"Content-Length {declared!r} is not a number") from None
             if size > self.max_bytes:
-                await _refuse(send, 413, self._too_large(size))
-                return
-
+                raise _Refusal(413, self._too_large(size))
+        deadline = ARRIVAL.get() + self.receive_s
         body = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            if len(body) > self.max_bytes:
-                await _refuse(send, 413, self._too_large(len(body), at_least=True))
-                return
-            if not message.get("more_body", False):
-                break
-        payload = bytes(body)
-        if media_type == "multipart/form-data":
-            problem, payload, field = await _check_form(scope, payload, headers.get("content-type", ""))
-            if problem is not None:
-                await _refuse(send, 400, problem, field)
-                return
-            scope = dict(scope)
-            scope["headers"] = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
-            scope["headers"].append((b"content-length", str(len(payload)).encode()))
-
-        await self.app(scope, _replay(payload), _uniform_errors(send))
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(max(0.0, deadline - time.perf_counter())):
+                        message = await receive()
+                except TimeoutError:
+                    raise _Refusal(408, f"request body not complete after {self.receive_s:g} s ({len(body)} bytes "
+                                   "received; TRACEBANK_RECEIVE_TIMEOUT_S): send the whole body at once",
+                                   close=True) from None
+                if message["type"] == "http.disconnect":
+                    self._buffered -= len(body)
+                    return None
+                chunk = message.get("body", b"")
+                body += chunk
+                self._buffered += len(chunk)
+                if len(body) > self.max_bytes:
+                    raise _Refusal(413, self._too_large(len(body), at_least=True), close=True)
+                if self._buffered > self.max_buffered:
+                    raise _Refusal(429, "too many uploads in progress; retry shortly", close=True)
+                if not message.get("more_body", False):
+                    return bytes(body)
+        except BaseException:  # refused or cancelled (BentoML's timeout): its bytes are let go
+            self._buffered -= len(body)
+            raise
 
     def _too_large(self, size: int, *, at_least: bool = False) -> str:
         amount = f"over {size}" if at_least else f"{size}"
@@ -224,9 +316,13 @@ def _uniform_body(raw: bytes) -> bytes:
     return json.dumps({"error": message, "field": field}).encode()
 
 
-async def _refuse(send: Send, status: int, message: str, field: str | None = None) -> None:
+async def _refuse(send: Send, status: int, message: str, field: str | None = None, *, close: bool = False) -> None:
+    """Answer ``{"error", "field"}`` JSON; ``close`` ends the connection after it (a body
+    not read to the end would otherwise keep it open)."""
     logger.warning("refused request (%d): %s", status, message)
     body = json.dumps({"error": message} | ({"field": field} if field is not None else {})).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -1,18 +1,8 @@
 """The inspection service: the production memory bank behind HTTP, every decision audited.
 
 Run ``bentoml serve`` in the repository root (``bentofile.yaml`` names this service) and
-open http://127.0.0.1:3000 for the Swagger UI. Settings come from the environment:
-
-    TRACEBANK_REGISTRY        registry folder whose production bank is served (``banks``)
-    TRACEBANK_MODEL_TAG       serve this model-store tag instead (e.g. inside a Bento)
-    TRACEBANK_AUDIT_DB        SQLAlchemy URL or SQLite path (``audit/decisions.sqlite``; in a Bento,
-                              relative to ``$XDG_DATA_HOME/tracebank``, never inside the Bento store)
-    TRACEBANK_AUDIT_LOCK_S    longest wait for a locked audit database before 503 (5)
-    TRACEBANK_AUDIT_MAX_MB    SQLite: largest size of the audit database; when full, 503 as on a full disk
-    TRACEBANK_ADMIN_TOKEN     bearer token for ``/reload``; reload is refused when unset
-    TRACEBANK_MAX_REQUEST_MB  largest request body, checked before it is read (20)
-    TRACEBANK_MAX_PIXELS      largest image in pixels, checked before decoding (40,000,000)
-    TRACEBANK_DEVICE          ``cpu`` or ``cuda`` (``cpu``)
+open http://127.0.0.1:3000 for the Swagger UI. Settings come from the environment
+(:mod:`serving.settings` lists them).
 
 Endpoints: ``POST /predict`` (multipart ``image`` + ``part_id``, or JSON with
 ``image_b64``), ``POST /predict_batch`` (adaptive batching across clients),
@@ -21,81 +11,40 @@ Endpoints: ``POST /predict`` (multipart ``image`` + ``part_id``, or JSON with
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
-import dataclasses
+import io
 import json
 import logging
-import os
 import threading
 import time
+import warnings
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, cast
 
 import bentoml
-from pydantic import BaseModel, Field
+from PIL import Image
+from pydantic import BaseModel, Field, PrivateAttr
 from starlette.responses import JSONResponse
 
-from pipeline.data.images import DEFAULT_MAX_PIXELS, ImageError
+from pipeline.data.images import ImageError
 from pipeline.lifecycle.audit import AuditError, AuditLog
 from pipeline.lifecycle.inspection import InputError, LoadedBank, Result, Upload, check_upload, decide
 from pipeline.lifecycle.registry import Registry, RegistryError
 from pipeline.patchcore.bank import BankError
-from serving.guard import RequestGuard
+from serving.guard import RequestGuard, arrival
+from serving.recording import Held, Late, Ticket, probe_write
 from serving.redact import authorized, public, scrub
-from serving.store import bento_file, data_home, declared_bank_tag, production_bank_dir
+from serving.settings import Settings
+from serving.store import declared_bank_tag, production_bank_dir
 
 logger = logging.getLogger("bentoml.tracebank")
 
 Output = Literal["none", "heatmap", "mask"]
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    """Service settings, read once from the environment at start."""
-
-    registry: str = "banks"
-    model_tag: str | None = None
-    audit_db: str = "audit/decisions.sqlite"
-    audit_lock_s: float = 5.0
-    audit_max_mb: float | None = None
-    admin_token: str | None = None
-    max_request_bytes: int = 20 * 1024 * 1024
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    device: str = "cpu"
-
-    @classmethod
-    def from_env(cls) -> Settings:
-        env = os.environ
-        try:
-            max_mb = float(env.get("TRACEBANK_MAX_REQUEST_MB", "20"))
-            max_pixels = int(env.get("TRACEBANK_MAX_PIXELS", str(DEFAULT_MAX_PIXELS)))
-            lock_s = float(env.get("TRACEBANK_AUDIT_LOCK_S", "5"))
-            audit_max_mb = float(env["TRACEBANK_AUDIT_MAX_MB"]) if env.get("TRACEBANK_AUDIT_MAX_MB") else None
-        except ValueError as exc:
-            raise ValueError(
-                "TRACEBANK_MAX_REQUEST_MB, TRACEBANK_MAX_PIXELS, TRACEBANK_AUDIT_LOCK_S and TRACEBANK_AUDIT_MAX_MB "
-                f"must be numbers: {exc}"
-            ) from exc
-        return cls(
-            registry=env.get("TRACEBANK_REGISTRY", "banks"),
-            model_tag=env.get("TRACEBANK_MODEL_TAG") or None,
-            audit_db=audit_location(env.get("TRACEBANK_AUDIT_DB") or "audit/decisions.sqlite"),
-            audit_lock_s=lock_s,
-            audit_max_mb=audit_max_mb,
-            admin_token=env.get("TRACEBANK_ADMIN_TOKEN") or None,
-            max_request_bytes=int(max_mb * 1024 * 1024),
-            max_pixels=max_pixels,
-            device=env.get("TRACEBANK_DEVICE", "cpu"),
-        )
-
-
-def audit_location(setting: str) -> str:
-    """The audit database: as given, except that inside a Bento (whose ``src`` folder is the
-    working directory) a relative path is taken under :func:`serving.store.data_home`."""
-    if "://" in setting or Path(setting).is_absolute() or bento_file() is None:
-        return setting
-    return str(data_home() / setting)
+T = TypeVar("T")
 
 
 class BatchItem(BaseModel):
@@ -104,6 +53,12 @@ class BatchItem(BaseModel):
     image_b64: str = Field(description="the image file, base64-encoded")
     part_id: str | None = None
     output: Output = "none"
+    # when its request arrived: set as the item is parsed, in its request's context (a batch
+    # mixes requests, and runs outside all of them); private, so no client can set it
+    _arrived: float = PrivateAttr(default_factory=arrival)
+
+    def arrived(self) -> float:
+        return self._arrived
 
 
 def _error(status: int, message: str, field: str | None = None, **extra: Any) -> JSONResponse:
@@ -120,6 +75,34 @@ def _payload(result: Result) -> dict[str, Any]:
     if result.picture is not None:
         body["png_b64"] = base64.b64encode(result.picture).decode("ascii")
     return body
+
+
+class _MapTooLarge(ValueError):
+    """A heatmap or mask asked for an image over the map pixel budget (the message says what to do)."""
+
+
+def _discard(future: asyncio.Future[Any]) -> None:
+    """Collect the outcome of work whose request was already refused (nobody awaits it)."""
+    error = None if future.cancelled() else future.exception()
+    if error is not None and not isinstance(error, Late):
+        logger.warning("work for a request refused at its deadline failed: %r", error)
+
+
+def _header_size(data: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` from an image's header, without decoding it; None when the header
+    cannot be read (decoding then reports why)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # bomb and damaged-tag warnings: decoding reports them
+            with Image.open(io.BytesIO(data)) as image:
+                return image.size
+    except Exception:  # noqa: BLE001 - any unreadable header is check_upload's to report
+        return None
+
+
+def _late(settings: Settings) -> str:
+    return (f"not answered within the request timeout of {settings.request_timeout_s:g} s "
+            "(TRACEBANK_REQUEST_TIMEOUT_S), so not recorded; retry later")
 
 
 def _b64(text: str, field: str) -> bytes:
@@ -150,9 +133,11 @@ AUDIT_FAILURES = bentoml.metrics.Counter(
 BANK_TAG = declared_bank_tag(SETTINGS.registry, SETTINGS.model_tag)
 
 
+# No BentoML max_concurrency: it counts a request from its first byte, so slow uploads would
+# hold every slot; RequestGuard counts from a complete body instead (TRACEBANK_MAX_CONCURRENCY).
 @bentoml.service(
     name="tracebank",
-    traffic={"timeout": 60, "max_concurrency": 64},
+    traffic={"timeout": SETTINGS.server_timeout_s},
     threads=4,
     endpoints={"livez": "/healthz", "readyz": "/readyz"},
 )
@@ -166,8 +151,11 @@ class Inspection:
         self.settings = SETTINGS
         self.audit = AuditLog(self.settings.audit_db, lock_timeout_s=self.settings.audit_lock_s,
                               max_mb=self.settings.audit_max_mb)
+        self.audit_problem: str | None = None  # why the last audit write failed; None once one succeeds
         self._predict_lock = threading.Lock()
         self._reload_lock = threading.Lock()
+        # the handlers are async (they answer at the deadline); decoding and scoring run here
+        self._workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="tracebank-inspect")
         self.bank: LoadedBank | None = None
         self.load_error: str | None = None
         try:
@@ -183,33 +171,101 @@ class Inspection:
         return LoadedBank(directory, device=self.settings.device)
 
     def __is_ready__(self) -> bool:
+        """A bank is loaded and a decision can be recorded: after a failed audit write, only
+        once a probe write succeeds again (a full disk still answers reads)."""
         if self.bank is None:
             return False
         try:
-            self.audit.check()
+            if self.audit_problem is None:
+                self.audit.check()
+            else:
+                probe_write(self.audit)
+                logger.info("audit database writable again (last failure: %s)", self.audit_problem)
+                self.audit_problem = None
         except AuditError as exc:
             logger.warning("not ready: %s", exc)
             return False
         return True
 
-    def _score(self, uploads: list[Upload]) -> list[Result]:
+    async def _within(self, ticket: Ticket, work: Callable[..., T], *args: Any) -> T:
+        """``work(*args)`` in a worker thread, its result if it comes before ``ticket``'s
+        deadline; :class:`Late` at the deadline unless the worker is already recording (its
+        answer then follows within the audit lock timeout). A worker given up on carries on
+        to its next check of the ticket and records nothing."""
+        future = asyncio.get_running_loop().run_in_executor(self._workers, work, *args)
+        try:
+            done, _ = await asyncio.wait({future}, timeout=ticket.remaining())
+        except asyncio.CancelledError:  # BentoML's own timeout, which the deadline keeps below
+            ticket.expire()
+            future.add_done_callback(_discard)
+            raise
+        if not done and ticket.expire():
+            future.add_done_callback(_discard)
+            raise Late
+        return await future
+
+    def _checked(self, data: bytes, *, part_id: str | None, output: str, filename: str, received: float) -> Upload:
+        """:func:`~pipeline.lifecycle.inspection.check_upload` under the map pixel budget as
+        well, checked from the header before decoding (a refusal costs no decode) and again
+        on the decoded image.
+
+        Raises:
+            ImageError, InputError: as ``check_upload``.
+            _MapTooLarge: ``output`` asks for a map of an image over the budget.
+        """
+        if output != "none":
+            size = _header_size(data)
+            if size is not None and size[0] * size[1] <= self.settings.max_pixels:  # else check_upload's 400
+                self._map_budget(output, *size)
+        upload = check_upload(data, part_id=part_id, output=output, filename=filename,
+                              max_pixels=self.settings.max_pixels, received=received)
+        if output != "none":
+            self._map_budget(output, upload.image.shape[1], upload.image.shape[0])
+        return upload
+
+    def _map_budget(self, output: str, width: int, height: int) -> None:
+        budget = self.settings.max_map_pixels
+        if width * height > budget:
+            raise _MapTooLarge(
+                f"field 'output': a {output} is drawn at the image's size, at most {budget:,} pixels "
+                f"(TRACEBANK_MAX_MAP_PIXELS); this image is {width} x {height} = {width * height:,}: send it with "
+                f"output=none for its score and decision, or scaled down for its {output}"
+            )
+
+    def _score(self, uploads: list[Upload], ticket: Ticket) -> list[Result]:
         bank = self.bank  # one reference for the whole request: a reload never mixes banks
         if bank is None:
             raise RegistryError(f"no bank loaded: {self.load_error}")
-        with self._predict_lock:
+        if not self._predict_lock.acquire(timeout=ticket.remaining()):
+            raise Late
+        try:
+            ticket.check()
+            held = Held()
+            results: dict[int, Result] = {}
+            # maps only for the uploads that asked: decide draws them for all of a batch if one asks
+            for drawn in (False, True):
+                group = [i for i, u in enumerate(uploads) if (u.output != "none") == drawn]
+                if group:
+                    made = decide(bank, [uploads[i] for i in group], cast(AuditLog, held))
+                    results.update(zip(group, made, strict=True))
+            ticket.claim()
             try:
-                results = decide(bank, uploads, self.audit)
-            except AuditError:
+                self.audit.record_many(held.decisions)
+            except AuditError as exc:
                 AUDIT_FAILURES.inc()
+                self.audit_problem = str(exc)
                 raise
-        for result in results:
-            made = result.decision
-            DECISIONS.labels(decision=made.decision, bank_id=made.bank_id).inc()
-            SCORE_RATIO.labels(bank_id=made.bank_id).observe(made.score / made.threshold)
-        return results
+            self.audit_problem = None
+        finally:
+            self._predict_lock.release()
+        for result in results.values():
+            decision = result.decision
+            DECISIONS.labels(decision=decision.decision, bank_id=decision.bank_id).inc()
+            SCORE_RATIO.labels(bank_id=decision.bank_id).observe(decision.score / decision.threshold)
+        return [results[i] for i in range(len(uploads))]
 
     @bentoml.api(route="/predict")
-    def predict(
+    async def predict(
         self,
         # Path, not Path | None: BentoML 1.4 cannot build an optional file field; absent means None.
         image: Path = None,  # type: ignore[assignment]
@@ -220,21 +276,29 @@ class Inspection:
         """Inspect one part: anomaly score, decision against the bank's threshold, and on
         request (``output``) the heatmap overlay or binary mask as base64 PNG."""
         received = time.perf_counter()
+        ticket = Ticket(arrival() + self.settings.request_timeout_s)
+        try:
+            return await self._within(ticket, self._inspect, image, image_b64, part_id, output, ticket, received)
+        except Late:
+            return _error(503, _late(self.settings))
+
+    def _inspect(self, image: Path | None, image_b64: str | None, part_id: str | None, output: str,
+                 ticket: Ticket, received: float) -> dict[str, Any] | JSONResponse:
+        ticket.check()
+        field = "image" if image is not None else "image_b64"
         try:
             if (image is None) == (image_b64 is None):
                 raise InputError("send exactly one of 'image' (multipart file) or 'image_b64' (JSON)")
-            if image is not None:
-                data, name, field = image.read_bytes(), "image", "image"
-            else:
-                data, name, field = _b64(image_b64 or "", "image_b64"), "image_b64", "image_b64"
-            upload = check_upload(data, part_id=part_id, output=output, filename=name,
-                                  max_pixels=self.settings.max_pixels, received=received)
+            data = image.read_bytes() if image is not None else _b64(image_b64 or "", "image_b64")
+            upload = self._checked(data, part_id=part_id, output=output, filename=field, received=received)
         except InputError as exc:
             return _error(400, str(exc))
         except ImageError as exc:
             return _error(400, str(exc), field)
+        except _MapTooLarge as exc:
+            return _error(422, str(exc), "output")
         try:
-            return _payload(self._score([upload])[0])
+            return _payload(self._score([upload], ticket)[0])
         except AuditError as exc:
             return _error(503, f"decision not recorded, so not answered: {exc}; retry later")
         except RegistryError as exc:
@@ -243,28 +307,36 @@ class Inspection:
     # max_latency_ms is when BentoML gives up on a queued item (503), not a target: a line
     # would rather wait a few seconds under a burst than lose the decision.
     @bentoml.api(route="/predict_batch", batchable=True, max_batch_size=16, max_latency_ms=30_000)
-    def predict_batch(self, items: list[BatchItem]) -> list[dict[str, Any]]:
+    async def predict_batch(self, items: list[BatchItem]) -> list[dict[str, Any]]:
         """Inspect several parts; concurrent callers share backbone passes (adaptive
         batching). A bad item gets an ``error`` entry of its own, the rest are scored."""
         received = time.perf_counter()
+        # one deadline for the batch, its oldest request's: every request in it is answered or none
+        ticket = Ticket(min((item.arrived() for item in items), default=received) + self.settings.request_timeout_s)
+        try:
+            return await self._within(ticket, self._inspect_batch, items, ticket, received)
+        except Late as exc:
+            raise bentoml.exceptions.ServiceUnavailable(_late(self.settings)) from exc
+        except (AuditError, RegistryError) as exc:
+            message = scrub(f"decision not recorded, so not answered: {exc}; retry later")
+            raise bentoml.exceptions.ServiceUnavailable(message) from exc
+
+    def _inspect_batch(self, items: list[BatchItem], ticket: Ticket, received: float) -> list[dict[str, Any]]:
+        ticket.check()
         answers: list[dict[str, Any] | None] = [None] * len(items)
         uploads: list[Upload] = []
         positions: list[int] = []
         for i, item in enumerate(items):
             try:
                 data = _b64(item.image_b64, "image_b64")
-                uploads.append(check_upload(data, part_id=item.part_id, output=item.output,
-                                            filename=f"items[{i}].image_b64", max_pixels=self.settings.max_pixels,
-                                            received=received))
+                upload = self._checked(data, part_id=item.part_id, output=item.output,
+                                       filename=f"items[{i}].image_b64", received=received)
+                uploads.append(upload)
                 positions.append(i)
-            except (InputError, ImageError) as exc:
+            except (InputError, ImageError, _MapTooLarge) as exc:
                 logger.warning("refused batch item: %s", exc)
                 answers[i] = {"error": str(exc), "part_id": item.part_id}
-        try:
-            results = self._score(uploads)
-        except (AuditError, RegistryError) as exc:
-            message = f"decision not recorded, so not answered: {exc}; retry later"
-            raise bentoml.exceptions.ServiceUnavailable(message) from exc
+        results = self._score(uploads, ticket)
         for i, result in zip(positions, results, strict=True):
             answers[i] = _payload(result)
         return [a or {"error": "internal: no answer"} for a in answers]
@@ -330,4 +402,5 @@ def _count_request(path: str, status: int) -> None:
 
 
 Inspection.add_asgi_middleware(RequestGuard, max_bytes=SETTINGS.max_request_bytes,
-                               paths=("/predict", "/predict_batch"), observe=_count_request)
+                               paths=("/predict", "/predict_batch"), observe=_count_request,
+                               receive_s=SETTINGS.receive_timeout_s, max_concurrency=SETTINGS.max_concurrency)
