@@ -176,6 +176,12 @@ class ThresholdConfig:
             on the calibration split's labelled defects (held out from the test split; on a
             ``synthetic:`` set, which has none there, the synthetic test defects are used).
         target_false_reject: the share of good parts a ``"nominal"`` threshold rejects.
+        estimator: how a ``"nominal"`` threshold is read off the good calibration scores
+            (:data:`pipeline.evaluation.threshold.ESTIMATORS`): ``"quantile"`` (numpy's
+            interpolated quantile; its expected false-reject rate is about the target plus
+            ``1 / (N + 1)`` for ``N`` calibration images) or ``"unbiased_frr"`` (the target
+            itself on average once ``N >= 99``), among others; see BENCHMARKS.md, "Threshold
+            stability".
         calibration: share of the good training images (and, for ``"f1"``, of the defective
             test images) held out to choose the threshold on, disjoint from the images the bank
             is fitted on and from the test split that metrics and gates use; 0 chooses it on
@@ -185,12 +191,16 @@ class ThresholdConfig:
     method: str = "nominal"
     target_false_reject: float = 0.01
     calibration: float = 0.1
+    estimator: str = "quantile"
 
     def __post_init__(self) -> None:
         if self.method not in ("nominal", "f1"):
             raise ConfigError(f"threshold.method must be 'nominal' or 'f1', got {self.method!r}")
         if not 0.0 <= self.target_false_reject < 1.0:
             raise ConfigError(f"threshold.target_false_reject must be in [0, 1), got {self.target_false_reject}")
+        estimators = ("quantile", "unbiased_frr", "harrell_davis", "bootstrap", "normal", "lognormal")
+        if self.estimator not in estimators:
+            raise ConfigError(f"threshold.estimator must be one of {', '.join(estimators)}, got {self.estimator!r}")
         if not 0.0 <= self.calibration < 1.0:
             raise ConfigError(f"threshold.calibration must be in [0, 1), got {self.calibration}")
 

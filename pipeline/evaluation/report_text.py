@@ -88,7 +88,11 @@ def threshold_words(info: Mapping[str, Any] | None, metrics: Mapping[str, Any]) 
         words += f", chosen on the {chosen_on}"
     if info is not None:
         ci = given.get("ci")
-        words += (f"; confidence interval {number(ci[0])} to {number(ci[1])}" if ci
+        def bound(value: Any) -> str:
+            return "unbounded" if value is None else number(value)
+
+        words += (f"; confidence interval {bound(ci[0])} to {bound(ci[1])}"
+                  + (" (too few calibration images to bound it above)" if ci[1] is None else "") if ci
                   else "; no confidence interval given")
     return words
 

@@ -201,3 +201,23 @@ def _rise_check(key: str, limit: float, label: int, what: str, decisions: Mappin
         return check | {"passed": True, "status": "passed",
                         "note": f"rose {rise:+.4f}, past the setting but within noise at {confidence:.0%} ({detail})"}
     return check | {"passed": False, "status": "failed"}
+
+
+def judge(evaluation: Mapping[str, Any], config: GateConfig) -> dict[str, Any]:
+    """The gates of an ``evaluation.json``: floors, non-regression and the operating point
+    against production, each bank deciding the same test images at its own threshold."""
+    metrics, production = evaluation["metrics"], evaluation.get("production")
+    per_image, threshold = evaluation.get("per_image") or {}, metrics.get("threshold")
+    decisions: dict[str, Any] | None = None
+    if per_image.get("labels") is not None and threshold is not None:
+        decisions = {"labels": per_image["labels"], "candidate": [s >= threshold for s in per_image["scores"]],
+                     "production": None}
+        if production is not None:
+            scores, own = production.get("scores"), production.get("threshold")
+            if scores is None or own is None or len(scores) != len(per_image["labels"]):
+                decisions["unavailable"] = "production was not scored on the same test images at a threshold"
+            else:
+                decisions["production"] = [s >= own for s in scores]
+    shown = None if production is None else {k: v for k, v in production.items() if k != "scores"}
+    return check_gates(metrics, config, shown, synthetic=evaluation.get("evaluation_set") is not None,
+                       decisions=decisions) | {"production_metrics": shown}

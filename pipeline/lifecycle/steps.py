@@ -34,7 +34,7 @@ from pipeline.data.validation import ValidationConfig, ValidationResult, validat
 from pipeline.hashing import sha256_file
 from pipeline.patchcore.bank import update_manifest
 
-from .gates import GateConfig, check_gates
+from .gates import GateConfig, check_gates, judge
 from .provenance import files_data_hash, git_state
 from .registry import Registry, write_json_atomic
 from .retrain import RetrainConfig
@@ -163,17 +163,18 @@ def evaluate_step(dataset: Dataset, work: Path, params: Params, on_batch: Any = 
 
     start = time.perf_counter()
     model, manifest = load_bank(work / "candidate")
-    settings, chosen_on = threshold_settings(model, params, dataset)
+    settings, chosen_on, estimated = threshold_settings(model, params, dataset)
     result = evaluate(model, dataset.test, batch_size=params.batch_size, keep_maps=True, on_batch=on_batch,
                       **settings)
     result.metrics["threshold_chosen_on"] = chosen_on
+    result.metrics |= {f"threshold_{k}": v for k, v in estimated.items()}
     metrics = dict(result.metrics)
     metrics["seconds"] = time.perf_counter() - start
     eval_set = describe_eval_set(dataset)
     per_image = {"labels": [int(s.label) for s in result.samples], "scores": [float(x) for x in result.scores]}
     evaluation = {"bank_id": manifest["bank_id"], "metrics": metrics, "evaluation_set": eval_set,
                   "per_image": per_image, "production": production}
-    gates = judge(evaluation, params)
+    gates = judge(evaluation, params.gates)
     shown = None if production is None else {
         "bank_id": production["bank_id"], "threshold": production.get("threshold"), "scores": production["scores"],
         "metrics": {k: v for k, v in production.items() if k != "scores"}}
@@ -188,26 +189,6 @@ def evaluate_step(dataset: Dataset, work: Path, params: Params, on_batch: Any = 
     return metrics
 
 
-def judge(evaluation: dict[str, Any], params: Params) -> dict[str, Any]:
-    """The gates of an ``evaluation.json``: floors, non-regression and the operating point
-    against production, each bank deciding the same test images at its own threshold."""
-    metrics, production = evaluation["metrics"], evaluation.get("production")
-    per_image, threshold = evaluation.get("per_image") or {}, metrics.get("threshold")
-    decisions: dict[str, Any] | None = None
-    if per_image.get("labels") is not None and threshold is not None:
-        decisions = {"labels": per_image["labels"], "candidate": [s >= threshold for s in per_image["scores"]],
-                     "production": None}
-        if production is not None:
-            scores, own = production.get("scores"), production.get("threshold")
-            if scores is None or own is None or len(scores) != len(per_image["labels"]):
-                decisions["unavailable"] = "production was not scored on the same test images at a threshold"
-            else:
-                decisions["production"] = [s >= own for s in scores]
-    shown = None if production is None else {k: v for k, v in production.items() if k != "scores"}
-    return check_gates(metrics, params.gates, shown, synthetic=evaluation.get("evaluation_set") is not None,
-                       decisions=decisions) | {"production_metrics": shown}
-
-
 #: The folder of a bank's directory that holds the report of its registration.
 REPORT_DIR = "report"
 
@@ -215,20 +196,34 @@ REPORT_DIR = "report"
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "pro", "n_good", "n_defect", "f1", "false_reject_rate", "miss_rate")
 
 
-def threshold_settings(model: PatchCore, params: Params, dataset: Dataset) -> tuple[dict[str, Any], str]:
+def threshold_settings(model: PatchCore, params: Params,
+                       dataset: Dataset) -> tuple[dict[str, Any], str, dict[str, Any]]:
     """The threshold arguments of :func:`~pipeline.evaluation.evaluate.evaluate` on ``dataset``'s
-    test split, and which images the threshold is chosen on: the calibration split (scored
-    here) when it has what ``threshold.method`` needs, else the test split itself."""
+    test split, which images the threshold is chosen on (the calibration split, scored here,
+    when it has what ``threshold.method`` needs, else the test split itself), and what the
+    lineage records of the estimate: ``estimator``, ``n_calibration`` and its interval ``ci``."""
+    import numpy as np
+
     from pipeline.evaluation.evaluate import evaluate
+    from pipeline.evaluation.threshold import estimate
+
     method, target = params.threshold.method, params.threshold.target_false_reject
     calibration = dataset.calibration
     usable = any(s.label == 0 for s in calibration) and (method == "nominal" or any(s.label == 1 for s in calibration))
     if not usable:
-        return {"threshold_method": method, "target_false_reject": target}, "test split"
-    metrics = evaluate(model, calibration, batch_size=params.batch_size, keep_maps=False,
-                       threshold_method=method, target_false_reject=target).metrics
+        return {"threshold_method": method, "target_false_reject": target}, "test split", {}
+    scored = evaluate(model, calibration, batch_size=params.batch_size, keep_maps=False,
+                      threshold_method=method, target_false_reject=target)
+    metrics = scored.metrics
     chosen_on = f"calibration split ({metrics['n_good']} good, {metrics['n_defect']} defective)"
-    return {"fixed_threshold": (metrics["threshold"], metrics["threshold_method"])}, chosen_on
+    if method != "nominal":
+        return {"fixed_threshold": (metrics["threshold"], metrics["threshold_method"])}, chosen_on, {}
+    estimator = params.threshold.estimator
+    found = estimate(scored.scores[scored.labels == 0], target, estimator)
+    name = metrics["threshold_method"] if estimator == "quantile" else f"nominal_{estimator}_{1 - target:g}"
+    ci = [float(x) if np.isfinite(x) else None for x in found["ci"]]  # None: unbounded with so few images
+    info = {"estimator": estimator, "n_calibration": found["n_calibration"], "ci": ci}
+    return {"fixed_threshold": (found["value"], name)}, chosen_on, info
 
 
 def production_metrics(registry: Registry, dataset: Dataset, params: Params) -> dict[str, Any] | None:
@@ -256,7 +251,7 @@ def production_metrics(registry: Registry, dataset: Dataset, params: Params) -> 
 
 def gate_step(work: Path, params: Params) -> dict[str, Any]:
     """Judge the candidate of ``evaluation.json`` (see :func:`judge`) into ``gate.json``."""
-    result = judge(json.loads((work / "evaluation.json").read_text()), params)
+    result = judge(json.loads((work / "evaluation.json").read_text()), params.gates)
     write_json_atomic(work / "gate.json", result)
     return result
 
@@ -282,7 +277,9 @@ def register_step(
     if metrics.get("threshold") is not None:
         threshold = {"value": metrics["threshold"], "method": metrics["threshold_method"], "evaluated_on": params.data,
                      "chosen_on": metrics.get("threshold_chosen_on"),
-                     "target_false_reject": params.threshold.target_false_reject}
+                     "target_false_reject": params.threshold.target_false_reject,
+                     **{k: metrics[f"threshold_{k}"] for k in ("estimator", "n_calibration", "ci")
+                        if f"threshold_{k}" in metrics}}
     manifest = update_manifest(staging, metrics=metrics, threshold=threshold)
     training = manifest["training"]
     lineage = {

@@ -88,6 +88,10 @@ def test_an_unusual_calibration_cell_that_raises_the_miss_rate_is_refused(line):
     copy, lineage, out = _inbox_run(line, "unusual", ranked[0])
     assert lineage["bank_id"] != bank and lineage["fit"]["parent_bank"] == bank
     assert lineage["threshold"]["value"] > before  # the new cell moved the threshold up
+    record = lineage["threshold"]  # how it was estimated, and from how many images
+    assert record["estimator"] == "quantile" and record["chosen_on"] == (
+        f"calibration split ({record['n_calibration']} good, 0 defective)")
+    assert record["ci"][0] <= record["value"]
     check = _miss_check(lineage)
     # production decides the same test cells at its own threshold; the candidate misses more
     # of them, beyond noise, and the rise is past the setting
