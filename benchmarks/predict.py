@@ -118,7 +118,7 @@ def stage_times(model: PatchCore, blobs: Sequence[bytes], batch: int) -> dict[st
         t3 = time.perf_counter()
         _, grid = model.score_features(feats)
         t4 = time.perf_counter()
-        full = anomaly_maps(grid, model.features.image_size, model.scoring.sigma).numpy()
+        full = anomaly_maps(grid, model.features.image_size, model.scoring.sigma)
         [to_original(m, p) for m, p in zip(full, placements, strict=True)]
         t5 = time.perf_counter()
         for key, value in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):

@@ -1,6 +1,10 @@
 """Fitting a bank from a dataset spec in one process: the path of ``tracebank fit`` and of
 the benchmarks (the DVC stages and the Prefect flow split the same work into steps, see
-:mod:`pipeline.lifecycle.steps`)."""
+:mod:`pipeline.lifecycle.steps`).
+
+Fitting needs torch and timm (the backbone, the coreset) and exports the embedding's ONNX
+graph into the bank; they are imported inside the functions, so that importing this module
+(as the ``tracebank`` command line does for every command) loads neither."""
 
 from __future__ import annotations
 
@@ -18,7 +22,6 @@ from pipeline.data.datasets import Dataset, open_dataset
 from pipeline.evaluation.evaluate import default_method, evaluate
 from pipeline.lifecycle.stages import FeatureStore, extract_features, training_record
 from pipeline.patchcore.bank import save_bank
-from pipeline.patchcore.coreset import coreset_size
 from pipeline.patchcore.model import PatchCore
 
 #: ``progress(total, description)`` returns a context manager whose ``update(n)`` reports
@@ -71,16 +74,20 @@ def fit_bank(
         The bank path and id, its size, the number of training images, skipped files,
         metrics, threshold and the seconds of each phase.
     """
+    from pipeline.patchcore.coreset import coreset_size
+    from pipeline.patchcore.features import FeatureExtractor
+
     dataset = open_dataset(spec)
     if limit:
         dataset = dataset.subset(limit, limit)
-    model = PatchCore(features, coreset, scoring)
+    extractor = FeatureExtractor(features)
+    model = PatchCore(features, coreset, scoring, extractor=extractor)
     timings: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="tracebank-features-") as tmp:
         start = time.perf_counter()
         with progress(len(dataset.train), "extracting features (images)") as bar:
             store: FeatureStore = extract_features(
-                dataset.train, model.extractor, tmp, batch_size=batch_size, on_batch=bar.update
+                dataset.train, extractor, tmp, batch_size=batch_size, on_batch=bar.update
             )
         timings["extract_s"] = time.perf_counter() - start
         start = time.perf_counter()
@@ -144,10 +151,14 @@ def extend_bank(
         ValueError: if ``spec`` holds no training image the parent has not seen.
     """
     from pipeline.hashing import sha256_file
-    from pipeline.patchcore.bank import load_bank
+    from pipeline.patchcore.bank import load_bank, read_manifest
+    from pipeline.patchcore.features import FeatureExtractor
     from pipeline.patchcore.incremental import extend_coreset, extended_bank_size
 
-    model, manifest = load_bank(parent)
+    recorded = read_manifest(parent, verify=False)["params"]["features"].get("runtime", "torch")
+    model, manifest = load_bank(parent, runtime=recorded)  # the backbone, run as in the parent's fit
+    extractor = model.extractor
+    assert isinstance(extractor, FeatureExtractor)
     old_files = list(manifest["training"].get("files", []))
     known = {f["sha256"] for f in old_files}
     dataset = dataset or open_dataset(spec)
@@ -158,7 +169,7 @@ def extend_bank(
     with tempfile.TemporaryDirectory(prefix="tracebank-features-") as tmp:
         start = time.perf_counter()
         with progress(len(fresh), "extracting new features (images)") as bar:
-            store = extract_features(fresh, model.extractor, tmp, batch_size=batch_size, on_batch=bar.update)
+            store = extract_features(fresh, extractor, tmp, batch_size=batch_size, on_batch=bar.update)
         timings["extract_s"] = time.perf_counter() - start
         start = time.perf_counter()
         new = store.array()

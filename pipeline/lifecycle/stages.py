@@ -11,13 +11,15 @@ import dataclasses
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pipeline.data.datasets import LoadReport, Sample, batched, load_images
 from pipeline.hashing import sha256_file
-from pipeline.patchcore.features import FeatureExtractor
+
+if TYPE_CHECKING:  # torch loads with the extractor a caller builds, not with this module
+    from pipeline.patchcore.features import FeatureExtractor
 
 FEATURES_FILE = "features.npy"
 FEATURES_META = "features.json"

@@ -1,16 +1,20 @@
-"""Bank artifacts: memory bank + faiss index + a JSON manifest that makes them traceable.
+"""Bank artifacts: memory bank + faiss index + embedding graph + a JSON manifest that makes them traceable.
 
 A bank directory holds ``memory_bank.npy`` (``np.save``, no pickle), ``index.faiss`` and
-``index.json`` (see :mod:`pipeline.patchcore.index`) and ``manifest.json``: backbone and weights
-sha256, every parameter, the training files with their sha256, metrics when known, library
-versions and the sha256 of every artifact file. The bank id is a content hash over the parts
-that define the model; loading recomputes every hash and refuses a mismatch.
+``index.json`` (see :mod:`pipeline.patchcore.index`), ``embedding.onnx`` (the ONNX graph of
+the whole patch embedding, exported at fit time: scoring needs no torch) and
+``manifest.json``: backbone and weights sha256, every parameter, the training files with their
+sha256, metrics when known, library versions and the sha256 of every artifact file. The bank
+id is a content hash over the parts that define the model; loading recomputes every hash and
+refuses a mismatch.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -27,14 +31,17 @@ from pipeline.config import CoresetConfig, FeatureConfig, ScoringConfig, from_ma
 from pipeline.hashing import sha256_file
 
 from .backbone import packaged_weights_path
+from .runtime import GRAPH_FILE
 
-if TYPE_CHECKING:  # the model (torch, faiss) loads with a bank, not to read or verify a manifest
+if TYPE_CHECKING:  # the model (faiss, ONNX Runtime) loads with a bank, not to read or verify a manifest
     from .model import PatchCore
 
-FORMAT = "tracebank-bank/2"
+#: /3: the bank carries its embedding's ONNX graph (``embedding.onnx``, in ``files``).
+FORMAT = "tracebank-bank/3"
 #: Formats this version reads: /1 banks hashed machine-specific paths into their id (kept
-#: readable with their own id rule so registered banks stay valid).
-READABLE_FORMATS = ("tracebank-bank/1", FORMAT)
+#: readable with their own id rule so registered banks stay valid); /1 and /2 banks carry no
+#: graph, which is exported from the backbone when torch and timm are installed.
+READABLE_FORMATS = ("tracebank-bank/1", "tracebank-bank/2", FORMAT)
 MANIFEST = "manifest.json"
 #: Manifest sections covered by the bank id; metrics and threshold may be added later.
 _IDENTITY_KEYS = ("format", "backbone", "params", "training", "files")
@@ -87,18 +94,24 @@ def identity(manifest: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _versions() -> dict[str, str]:
+def _version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _versions() -> dict[str, str | None]:
     import faiss
-    import timm
-    import torch
 
     return {
         "tracebank": __version__,
         "python": platform.python_version(),
         "numpy": np.__version__,
-        "torch": torch.__version__,
-        "timm": timm.__version__,
+        "torch": _version("torch"),
+        "timm": _version("timm"),
         "faiss": faiss.__version__,
+        "onnxruntime": _version("onnxruntime"),
     }
 
 
@@ -131,6 +144,7 @@ def save_bank(
     try:
         np.save(staging / "memory_bank.npy", model.memory_bank_, allow_pickle=False)
         model.index_.save(staging)
+        (staging / GRAPH_FILE).write_bytes(model.extractor.graph())
         backbone = model.extractor.backbone
         manifest: dict[str, Any] = {
             "format": FORMAT,
@@ -150,7 +164,7 @@ def save_bank(
             "training": dict(training),
             "files": {
                 name: sha256_file(staging / name)
-                for name in ("memory_bank.npy", "index.faiss", "index.json")
+                for name in ("memory_bank.npy", "index.faiss", "index.json", GRAPH_FILE)
             },
         }
         manifest["bank_id"] = bank_id_of(manifest)
@@ -229,17 +243,26 @@ def update_manifest(directory: str | Path, **fields: Any) -> dict[str, Any]:
 def load_bank(
     directory: str | Path, *, device: str | None = None, runtime: str | None = None
 ) -> tuple[PatchCore, dict[str, Any]]:
-    """Load a bank, verifying every hash, the backbone weights included.
+    """Load a bank, verifying every hash.
+
+    By default the features are computed by the bank's own ONNX graph (``embedding.onnx``)
+    on ONNX Runtime: no torch or timm. A bank from before the graph was carried (formats
+    /1 and /2) is run as it was then, from the backbone weights (their hash checked too),
+    which needs torch and timm.
 
     Args:
         directory: the bank directory.
-        device: run the features on this device instead of the recorded one (a device
-            other than the CPU runs them with eager PyTorch unless ``runtime`` says otherwise).
-        runtime: ``"torch"`` or ``"onnx"`` instead of the recorded feature runtime (banks
-            written before the setting existed record none and default to ``"torch"``).
+        device: run the features on this device (a device other than the CPU runs them with
+            eager PyTorch unless ``runtime`` says otherwise).
+        runtime: ``"torch"`` or ``"onnx"``: rebuild the embedding from the backbone weights
+            and run it eagerly or through its cached ONNX export, as fitting does (needs torch
+            and timm; banks written before the setting existed default to ``"torch"``).
 
     Returns:
         The fitted model and its manifest.
+
+    Raises:
+        BankError: a hash does not match, or the bank needs torch and timm, which are absent.
     """
     from .index import NNIndex
     from .model import PatchCore
@@ -251,25 +274,77 @@ def load_bank(
     feature_values.setdefault("padding", "exclude")  # banks from before features.padding pooled so
     scoring_values = dict(params["scoring"])
     scoring_values.setdefault("image_score", "eq7")  # banks from before scoring.image_score scored so
+    carries_graph = manifest["format"] == FORMAT and GRAPH_FILE in manifest["files"]
+    use_graph = runtime is None and device in (None, "cpu") and carries_graph
     if device is not None:
         feature_values["device"] = device
         if device != "cpu" and runtime is None:
             runtime = "torch"  # ONNX Runtime runs the features on the CPU only
     if runtime is not None:
         feature_values["runtime"] = runtime
+    elif use_graph:
+        feature_values["device"] = "cpu"  # the graph runs on the CPU, whatever the fit ran on
     features = from_mapping(FeatureConfig, f"{directory}: params.features", feature_values)
-    model = PatchCore(
-        features,
-        from_mapping(CoresetConfig, f"{directory}: params.coreset", params["coreset"]),
-        from_mapping(ScoringConfig, f"{directory}: params.scoring", scoring_values),
-    )
-    expected = manifest["backbone"]["weights_sha256"]
-    if model.extractor.backbone.weights_sha256 != expected:
-        source = features.weights if features.weights != "default" else packaged_weights_path(features.backbone)
-        raise BankError(
-            f"backbone weights {source} have sha256 {model.extractor.backbone.weights_sha256[:12]}... "
-            f"but bank {manifest['bank_id']} was fitted with {expected[:12]}...; install the same weights"
-        )
+    coreset = from_mapping(CoresetConfig, f"{directory}: params.coreset", params["coreset"])
+    scoring = from_mapping(ScoringConfig, f"{directory}: params.scoring", scoring_values)
+    if use_graph:
+        model = PatchCore(features, coreset, scoring, extractor=_graph_extractor(directory, manifest, features))
+    else:
+        _require_torch(directory, manifest)
+        model = PatchCore(features, coreset, scoring)
+        expected = manifest["backbone"]["weights_sha256"]
+        if model.extractor.backbone.weights_sha256 != expected:
+            source = features.weights if features.weights != "default" else packaged_weights_path(features.backbone)
+            raise BankError(
+                f"backbone weights {source} have sha256 {model.extractor.backbone.weights_sha256[:12]}... "
+                f"but bank {manifest['bank_id']} was fitted with {expected[:12]}...; install the same weights"
+            )
     bank = np.load(directory / "memory_bank.npy", allow_pickle=False)
     model.set_bank(bank, NNIndex.load(directory))
     return model, manifest
+
+
+def _graph_extractor(directory: Path, manifest: Mapping[str, Any], features: FeatureConfig) -> Any:
+    """The bank's ONNX graph, hashed again as read: what runs is what the manifest names."""
+    from .runtime import BackboneRecord, BankGraph, GraphExtractor, OnnxEmbeddingError
+
+    path = directory / GRAPH_FILE
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise BankError(f"{path} cannot be read ({exc}); the bank is incomplete") from exc
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != manifest["files"][GRAPH_FILE]:
+        raise BankError(f"{path} has sha256 {digest[:12]}... but the manifest records "
+                        f"{manifest['files'][GRAPH_FILE][:12]}...; the file was changed: do not use this bank")
+    record = manifest["backbone"]
+    backbone = BackboneRecord(str(record["weights_source"]), str(record["weights_sha256"]),
+                              tuple(int(c) for c in record["channels"]), tuple(int(s) for s in record["strides"]))
+    try:
+        return GraphExtractor(features, BankGraph(data, digest), backbone)
+    except OnnxEmbeddingError as exc:
+        raise BankError(f"bank {manifest['bank_id']} in {directory}: {exc}") from exc
+
+
+def _installed(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # an import hook that refuses it, a module without a spec
+        return False
+
+
+def _require_torch(directory: Path, manifest: Mapping[str, Any]) -> None:
+    """A bank run from its backbone weights needs torch and timm: say so, and what to do."""
+    missing = [name for name in ("torch", "timm") if not _installed(name)]
+    if not missing:
+        return
+    if manifest["format"] == FORMAT and GRAPH_FILE in manifest["files"]:
+        reason = "its features were asked of the backbone (a runtime or a GPU device was named)"
+        fix = "load it without runtime or device to score with its ONNX graph"
+    else:
+        reason = (f"it is a {manifest['format']} bank, written before banks carried the ONNX graph of their "
+                  f"embedding ({GRAPH_FILE}), so its features can only be computed from the backbone")
+        fix = ("extend or refit it with this version (`tracebank fit --extend`), whose banks carry the graph, "
+               "or load it where tracebank's fitting dependencies are installed")
+    raise BankError(f"bank {manifest['bank_id']} in {directory} needs {' and '.join(missing)}, which "
+                    f"{'is' if len(missing) == 1 else 'are'} not installed: {reason}; {fix}")

@@ -1,84 +1,37 @@
-"""Locally aware patch features (PatchCore, Sec. 3.1) and the geometry of input images.
+"""Locally aware patch features (PatchCore, Sec. 3.1), computed by PyTorch: the fitting path.
 
 An image is resized to the network input (square squash or aspect-keeping letterbox),
 passed through the backbone, each level is averaged over its 3x3 neighbourhood (the border
 treated as ``FeatureConfig.padding`` says), the deeper
 maps are bilinearly resized to the finest one and everything is concatenated per position.
 That computation is one module, :class:`PatchEmbedding`, run eagerly by PyTorch or, with
-``runtime="onnx"``, exported once and run by ONNX Runtime (see :mod:`pipeline.patchcore.runtime`).
+``runtime="onnx"``, exported once and run by ONNX Runtime (see :mod:`pipeline.patchcore.export`).
+Every bank carries that export (``embedding.onnx``), so scoring a saved bank needs none of
+this module (:class:`~pipeline.patchcore.runtime.GraphExtractor`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
 from pipeline.config import FeatureConfig
 
 from .backbone import Backbone, load_backbone
-from .runtime import OnnxEmbedding
+from .export import export_settings, load_or_export
+from .geometry import Placement, prepare, prepare_batch
+from .runtime import OnnxEmbedding, make_session
+
+__all__ = ["FeatureExtractor", "PatchEmbedding", "Placement", "local_average", "open_export", "prepare"]
 
 _TF_MEAN, _TF_STD = 127.0, 128.0
 _IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 _IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
-
-
-@dataclasses.dataclass(frozen=True)
-class Placement:
-    """Where an original image sits inside the square network input.
-
-    Attributes:
-        height, width: the original image size.
-        top, left, inner_h, inner_w: the content box inside the ``size x size`` input
-            (the whole square for ``squash``).
-    """
-
-    height: int
-    width: int
-    top: int
-    left: int
-    inner_h: int
-    inner_w: int
-
-
-def prepare(image: np.ndarray, size: int, resize: str) -> tuple[np.ndarray, Placement]:
-    """Resize one image to the ``(size, size, 3)`` uint8 network input.
-
-    Args:
-        image: ``(H, W)`` or ``(H, W, 3)`` uint8.
-        size: side of the square input.
-        resize: ``"squash"`` or ``"letterbox"``.
-
-    Note:
-        Letterboxing pads by edge replication rather than a constant so the padding looks
-        like the nearest nominal texture and does not light up the anomaly map; the map is
-        cropped back to the content box anyway.
-    """
-    height, width = image.shape[:2]
-    pil = Image.fromarray(image)  # a grey image is resized once, not once per channel
-    if resize == "squash":
-        out = _three_channels(np.asarray(pil.resize((size, size), Image.Resampling.BILINEAR)))
-        return out, Placement(height, width, 0, 0, size, size)
-    scale = size / max(height, width)
-    inner_w = max(1, min(size, round(width * scale)))
-    inner_h = max(1, min(size, round(height * scale)))
-    inner = _three_channels(np.asarray(pil.resize((inner_w, inner_h), Image.Resampling.BILINEAR)))
-    top, left = (size - inner_h) // 2, (size - inner_w) // 2
-    out = np.pad(
-        inner, ((top, size - inner_h - top), (left, size - inner_w - left), (0, 0)), mode="edge"
-    )
-    return out, Placement(height, width, top, left, inner_h, inner_w)
-
-
-def _three_channels(image: np.ndarray) -> np.ndarray:
-    """``(H, W)`` grey to ``(H, W, 3)`` by repetition; colour passes through."""
-    return image if image.ndim == 3 else np.repeat(image[:, :, None], 3, axis=2)
 
 
 class PatchEmbedding(nn.Module):
@@ -198,14 +151,20 @@ class FeatureExtractor:
         self.grid = -(-config.image_size // self.stride)
         self.onnx: OnnxEmbedding | None = None
         if config.runtime == "onnx":
-            self.onnx = OnnxEmbedding.from_module(self.embedding, config, self.backbone.weights_sha256)
+            self.onnx = open_export(self.embedding, config, self.backbone.weights_sha256)
+
+    def graph(self) -> bytes:
+        """The ONNX graph of :attr:`embedding` that a bank saved from this extractor carries:
+        the export ONNX Runtime runs here with ``runtime="onnx"``, else the verified cached
+        export (made on first use, :func:`~pipeline.patchcore.export.load_or_export`)."""
+        if self.onnx is not None and self.onnx.model is not None:
+            return self.onnx.model.data
+        return load_or_export(self.embedding, export_settings(self.config, self.backbone.weights_sha256)).data
 
     def prepare_batch(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, list[Placement]]:
         """Images to a ``(B, 3, S, S)`` uint8 tensor plus their placements."""
-        prepared = [prepare(img, self.config.image_size, self.config.resize) for img in images]
-        batch = np.stack([p[0] for p in prepared])  # (B, S, S, 3)
-        tensor = torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous()  # (B, 3, S, S)
-        return tensor, [p[1] for p in prepared]
+        batch, placements = prepare_batch(images, self.config.image_size, self.config.resize)
+        return torch.from_numpy(batch), placements  # (B, 3, S, S)
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         """Patch features of a prepared batch.
@@ -217,7 +176,7 @@ class FeatureExtractor:
             ``(B, h, w, D)`` float32 on the CPU, ``h = w = ceil(S / stride)``.
         """
         if self.onnx is not None:
-            return self.onnx(pixels)
+            return torch.from_numpy(self.onnx(pixels))
         with torch.inference_mode():
             features = self.embedding(pixels.to(self.device))
         return features.float().cpu().contiguous()
@@ -226,3 +185,16 @@ class FeatureExtractor:
         """Decode-free convenience: arrays in, ``(B, h, w, D)`` features and placements out."""
         pixels, placements = self.prepare_batch(images)
         return self.embed(pixels), placements
+
+
+def open_export(
+    module: nn.Module,
+    config: FeatureConfig,
+    weights_sha256: str,
+    *,
+    directory: str | Path | None = None,
+    threads: int | None = None,
+) -> OnnxEmbedding:
+    """Export (or reuse the verified cached export of) ``module`` and open a session on it."""
+    cached = load_or_export(module, export_settings(config, weights_sha256), directory)
+    return OnnxEmbedding(make_session(cached.data, threads), config.image_size, cached)

@@ -3,23 +3,29 @@
 Scikit-learn style: ``__init__`` stores validated settings, :meth:`PatchCore.fit` returns
 ``self`` and sets ``memory_bank_`` and ``index_``; scoring before fitting is an error.
 The estimator does no file I/O and no logging; callers loop over data and report progress.
+Scoring needs no torch: a loaded bank brings its own ONNX graph
+(:class:`~pipeline.patchcore.runtime.GraphExtractor`); fitting builds the torch
+:class:`~pipeline.patchcore.features.FeatureExtractor`, imported when first needed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from pipeline.config import CoresetConfig, FeatureConfig, ScoringConfig
 
-from .coreset import greedy_coreset
-from .features import FeatureExtractor, Placement
+from .geometry import Placement
 from .index import NNIndex
 from .parallel import map_in_threads, single_threaded_blas, split, worker_count
+from .runtime import GraphExtractor, thread_budget
 from .scoring import anomaly_maps, reweighted_image_scores, smoothed_image_scores, to_original
+
+if TYPE_CHECKING:  # torch loads with the fitting extractor only
+    from .features import FeatureExtractor
 
 
 class NotFittedError(RuntimeError):
@@ -46,7 +52,10 @@ class PatchCore:
         features: how images become patch features.
         coreset: memory-bank subsampling.
         scoring: nearest-neighbour scoring and maps.
-        extractor: a ready feature extractor (else built from ``features``).
+        extractor: a ready feature extractor: the torch
+            :class:`~pipeline.patchcore.features.FeatureExtractor` (built from ``features``
+            when omitted, which needs torch and timm) or a bank's
+            :class:`~pipeline.patchcore.runtime.GraphExtractor`.
     """
 
     def __init__(
@@ -55,12 +64,16 @@ class PatchCore:
         coreset: CoresetConfig | None = None,
         scoring: ScoringConfig | None = None,
         *,
-        extractor: FeatureExtractor | None = None,
+        extractor: FeatureExtractor | GraphExtractor | None = None,
     ) -> None:
         self.features = features or FeatureConfig()
         self.coreset = coreset or CoresetConfig()
         self.scoring = scoring or ScoringConfig()
-        self.extractor = extractor or FeatureExtractor(self.features)
+        if extractor is None:
+            from .features import FeatureExtractor
+
+            extractor = FeatureExtractor(self.features)
+        self.extractor = extractor
 
     def extract(
         self, batches: Iterable[Sequence[np.ndarray]], on_batch: Callable[[int], None] | None = None
@@ -69,7 +82,7 @@ class PatchCore:
         chunks: list[np.ndarray] = []
         for batch in batches:
             feats, _ = self.extractor(batch)  # (B, h, w, D)
-            chunks.append(feats.reshape(-1, feats.shape[-1]).numpy())
+            chunks.append(np.asarray(feats).reshape(-1, feats.shape[-1]))
             if on_batch is not None:
                 on_batch(len(batch))
         if not chunks:
@@ -80,6 +93,8 @@ class PatchCore:
         self, features: np.ndarray, on_centres: Callable[[int], None] | None = None
     ) -> PatchCore:
         """Select the memory bank from precomputed patch features ``(N, D)`` and index it."""
+        from .coreset import greedy_coreset
+
         idx = greedy_coreset(
             features,
             self.coreset.ratio,
@@ -113,11 +128,13 @@ class PatchCore:
         if not hasattr(self, "memory_bank_"):
             raise NotFittedError("this PatchCore has no memory bank yet; call fit() or load a bank")
 
-    def score_features(self, feats: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
-        """Image scores and patch-score grids of ``(B, h, w, D)`` features."""
+    def score_features(self, feats: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Image scores ``(B,)`` and patch-score grids ``(B, h, w)`` of ``(B, h, w, D)`` float32
+        features (a numpy array or a CPU tensor)."""
         self._check_fitted()
+        feats = np.asarray(feats)
         b, h, w, d = feats.shape
-        queries = feats.reshape(b, h * w, d).numpy()
+        queries = feats.reshape(b, h * w, d)
         dist_sq, nearest = self.index_.search(queries.reshape(-1, d), 1)
         patch = np.sqrt(dist_sq[:, 0]).reshape(b, h * w)  # (B, h*w)
         scores = reweighted_image_scores(
@@ -127,20 +144,20 @@ class PatchCore:
         grid = patch.reshape(b, h, w)
         if self.scoring.image_score == "smoothed":
             scores = smoothed_image_scores(grid, scores, self.scoring.image_sigma, self.scoring.image_weight)
-        return scores, torch.from_numpy(grid)
+        return scores, grid
 
     def predict(self, images: Sequence[np.ndarray], *, maps: bool = True) -> Prediction:
         """Score a batch of images; anomaly maps at each image's original size.
 
         With the ONNX runtime a batch of several images is split between the CPU cores
-        (as many parts as ``torch.get_num_threads()`` allows): each part runs every stage
+        (as many parts as :func:`~pipeline.patchcore.runtime.thread_budget` allows): each part runs every stage
         in its own thread with single-threaded kernels (:mod:`.parallel`). Results are those
         of scoring the images one at a time, to float rounding.
         """
         self._check_fitted()
         images = list(images)
         onnx = self.extractor.onnx
-        parts = worker_count(len(images), torch.get_num_threads())
+        parts = worker_count(len(images), thread_budget())
         if onnx is None or parts == 1:
             return self._predict(images, maps, self.extractor.embed)
         embed = onnx.single_threaded()
@@ -151,12 +168,12 @@ class PatchCore:
         )
 
     def _predict(
-        self, images: Sequence[np.ndarray], maps: bool, embed: Callable[[torch.Tensor], torch.Tensor]
+        self, images: Sequence[np.ndarray], maps: bool, embed: Callable[[Any], Any]
     ) -> Prediction:
         pixels, placements = self.extractor.prepare_batch(images)
         scores, grid = self.score_features(embed(pixels))
         return Prediction(scores=scores, maps=self._maps(grid, placements) if maps else [])
 
-    def _maps(self, grid: torch.Tensor, placements: list[Placement]) -> list[np.ndarray]:
-        full = anomaly_maps(grid, self.features.image_size, self.scoring.sigma).numpy()
+    def _maps(self, grid: np.ndarray, placements: list[Placement]) -> list[np.ndarray]:
+        full = anomaly_maps(grid, self.features.image_size, self.scoring.sigma)
         return [to_original(m, p) for m, p in zip(full, placements, strict=True)]

@@ -6,11 +6,9 @@ import functools
 import math
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
-from .features import Placement
+from .geometry import Placement
 from .index import NNIndex
 
 
@@ -78,7 +76,7 @@ def grid_blur_operator(cells: int, sigma: float) -> np.ndarray:
     Returns:
         ``(cells, cells)`` float64.
     """
-    kernel = gaussian_kernel(sigma).double().numpy()
+    kernel = gaussian_kernel(sigma).astype(np.float64)
     radius = len(kernel) // 2
     op = np.zeros((cells, cells))
     if cells == 1:
@@ -121,22 +119,35 @@ def smoothed_image_scores(grid: np.ndarray, single: np.ndarray, sigma: float, we
     return (weight * single.astype(np.float64) + (1.0 - weight) * peak).astype(np.float32)
 
 
-def gaussian_kernel(sigma: float) -> torch.Tensor:
-    """Normalised 1-D Gaussian, truncated at 4 sigma (as ``scipy.ndimage``)."""
+def gaussian_kernel(sigma: float) -> np.ndarray:
+    """Normalised 1-D Gaussian, truncated at 4 sigma (as ``scipy.ndimage``): ``(2r + 1,)`` float32."""
     radius = max(1, int(4.0 * sigma + 0.5))
-    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-    return kernel / kernel.sum()
+    x = np.arange(-radius, radius + 1, dtype=np.float32)
+    kernel = np.exp(np.float32(-0.5) * (x / np.float32(sigma)) ** 2)
+    return (kernel / kernel.sum(dtype=np.float32)).astype(np.float32)
+
+
+def _upsample_operator(grid: int, size: int) -> np.ndarray:
+    """Bilinear upsampling of ``grid`` cells to ``size`` (``align_corners=False``, as
+    ``torch.nn.functional.interpolate``) as a ``(size, grid)`` float64 matrix."""
+    source = np.maximum((np.arange(size, dtype=np.float64) + 0.5) * (grid / size) - 0.5, 0.0)
+    low = np.minimum(source.astype(np.int64), grid - 1)  # source >= 0: truncation is floor
+    high = np.minimum(low + 1, grid - 1)
+    weight = source - low
+    op = np.zeros((size, grid))
+    rows = np.arange(size)
+    np.add.at(op, (rows, low), 1.0 - weight)
+    np.add.at(op, (rows, high), weight)
+    return op
 
 
 @functools.lru_cache(maxsize=16)
-def map_operator(grid: int, size: int, sigma: float) -> torch.Tensor:
+def map_operator(grid: int, size: int, sigma: float) -> np.ndarray:
     """The linear map from a grid axis to a smoothed map axis, as a matrix.
 
     Bilinear upsampling (``align_corners=False``), reflection padding and the Gaussian are
     each separable and linear, so one axis of :func:`anomaly_maps` is ``A @ x`` with
-    ``A = blur @ pad @ upsample``. ``A`` is built by pushing the unit vectors through those
-    very operations, in float64.
+    ``A = blur @ pad @ upsample``, built in float64.
 
     Args:
         grid: number of patch positions along the axis.
@@ -146,21 +157,26 @@ def map_operator(grid: int, size: int, sigma: float) -> torch.Tensor:
     Returns:
         ``(size, grid)`` float32.
     """
-    eye = torch.eye(grid, dtype=torch.float64)[:, None, None, :]  # (g, 1, 1, g): one unit signal per row
-    rows = F.interpolate(eye, size=(1, size), mode="bilinear", align_corners=False)  # (g, 1, 1, S)
+    op = _upsample_operator(grid, size)  # (S, g)
     if sigma > 0:
-        kernel = gaussian_kernel(sigma).double()
+        kernel = gaussian_kernel(sigma).astype(np.float64)
         r = len(kernel) // 2
-        rows = F.pad(rows, (r, r, 0, 0), mode="reflect")  # (g, 1, 1, S + 2r)
-        rows = F.conv2d(rows, kernel.view(1, 1, 1, -1))  # (g, 1, 1, S)
-    return rows[:, 0, 0, :].T.float().contiguous()  # (S, g)
+        if r >= size:
+            raise ValueError(f"map sigma {sigma} needs a kernel radius {r} below the input size {size}")
+        where = np.abs(np.arange(-r, size + r))  # reflection padding: ... 2 1 | 0 1 ... S-1 | S-2 ...
+        where = np.where(where > size - 1, 2 * (size - 1) - where, where)
+        padded = op[where]  # (S + 2r, g)
+        op = sum(kernel[t] * padded[t : t + size] for t in range(2 * r + 1))  # (S, g)
+    out = np.ascontiguousarray(op, dtype=np.float32)
+    out.flags.writeable = False  # shared by every caller through the cache
+    return out
 
 
-def anomaly_maps(patch_scores: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
+def anomaly_maps(patch_scores: np.ndarray, size: int, sigma: float) -> np.ndarray:
     """Upsample patch scores to the input size and smooth them.
 
     Args:
-        patch_scores: ``(B, h, w)`` float32.
+        patch_scores: ``(B, h, w)`` float32 (any array-like: a CPU tensor too).
         size: side of the square network input.
         sigma: Gaussian standard deviation in input pixels; 0 disables smoothing.
 
@@ -177,10 +193,11 @@ def anomaly_maps(patch_scores: torch.Tensor, size: int, sigma: float) -> torch.T
         rounding, ~1e-6 relative) without running 33-tap convolutions over the full-size
         map, 2-3x faster on CPU for a batch of 16.
     """
-    h, w = patch_scores.shape[-2:]
-    a_h = map_operator(int(h), size, float(sigma)).to(patch_scores.device)  # (S, h)
-    a_w = map_operator(int(w), size, float(sigma)).to(patch_scores.device)  # (S, w)
-    return a_h @ patch_scores.float() @ a_w.T  # (S, h) @ (B, h, w) @ (w, S) -> (B, S, S)
+    scores = np.asarray(patch_scores, dtype=np.float32)
+    h, w = scores.shape[-2:]
+    a_h = map_operator(int(h), size, float(sigma))  # (S, h)
+    a_w = map_operator(int(w), size, float(sigma))  # (S, w)
+    return a_h @ scores @ a_w.T  # (S, h) @ (B, h, w) @ (w, S) -> (B, S, S)
 
 
 def to_original(amap: np.ndarray, placement: Placement) -> np.ndarray:

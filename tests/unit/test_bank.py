@@ -21,16 +21,17 @@ def test_round_trip_gives_same_scores(saved, small_mtd_model, mtd_dataset):
     model, loaded = load_bank(path)
     assert loaded["bank_id"] == manifest["bank_id"]
     images = [img for _, img, _ in load_images(mtd_dataset.test[:2])]
-    np.testing.assert_allclose(model.predict(images).scores, small_mtd_model.predict(images).scores, rtol=1e-5)
+    # the loaded bank scores with its own ONNX graph, the fitted model eagerly (tolerance: test_bank_graph.py)
+    np.testing.assert_allclose(model.predict(images).scores, small_mtd_model.predict(images).scores, rtol=1e-3)
     for key in ("backbone", "params", "training", "files", "versions", "bank_size"):
         assert key in loaded
-    assert loaded["backbone"]["weights_sha256"] and len(loaded["files"]) == 3
+    assert loaded["backbone"]["weights_sha256"] and len(loaded["files"]) == 4 and "embedding.onnx" in loaded["files"]
 
 
 def test_no_pickle_in_artifacts(saved):
     path, _ = saved
     np.load(path / "memory_bank.npy", allow_pickle=False)
-    assert json.loads((path / "manifest.json").read_text())["format"] == "tracebank-bank/2"
+    assert json.loads((path / "manifest.json").read_text())["format"] == "tracebank-bank/3"
 
 
 def _copy(saved, tmp_path):

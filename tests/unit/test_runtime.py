@@ -1,4 +1,5 @@
-"""The ONNX Runtime feature path against eager PyTorch on real MTD tiles, and its export cache."""
+"""The ONNX Runtime feature path against eager PyTorch on real MTD tiles, and its export cache
+(pipeline/patchcore/export.py, runtime.py)."""
 
 import dataclasses
 import json
@@ -11,9 +12,10 @@ import torch
 from pipeline.config import ConfigError, CoresetConfig, FeatureConfig
 from pipeline.data.datasets import load_images
 from pipeline.hashing import sha256_file
-from pipeline.patchcore.features import FeatureExtractor
+from pipeline.patchcore.export import cache_key, export_settings
+from pipeline.patchcore.features import FeatureExtractor, open_export
 from pipeline.patchcore.model import PatchCore
-from pipeline.patchcore.runtime import OnnxEmbedding, cache_key, export_settings
+from pipeline.patchcore.runtime import OnnxEmbedding
 
 #: max |onnx - torch| over all features, relative to max |torch| (observed ~1.5e-6: float
 #: rounding of fused convolutions; features reach ~20 on MTD tiles).
@@ -66,7 +68,7 @@ def test_tampered_cache_file_is_detected_and_rebuilt(tmp_path, extractor, caplog
     sha = extractor.backbone.weights_sha256
 
     def open_cached() -> OnnxEmbedding:
-        return OnnxEmbedding.from_module(extractor.embedding, config, sha, directory=tmp_path)
+        return open_export(extractor.embedding, config, sha, directory=tmp_path)
 
     first = open_cached()
     assert first.model is not None and first.model.status == "exported"
@@ -77,7 +79,7 @@ def test_tampered_cache_file_is_detected_and_rebuilt(tmp_path, extractor, caplog
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte inside the weights
     path.write_bytes(bytes(data))
-    with caplog.at_level(logging.WARNING, logger="pipeline.patchcore.runtime"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.patchcore.export"):
         rebuilt = open_cached()
     assert rebuilt.model.status == "rebuilt" and "exporting it again" in caplog.text
     assert json.loads(record_path.read_text())["sha256"] == sha256_file(path) == rebuilt.model.sha256
@@ -85,7 +87,7 @@ def test_tampered_cache_file_is_detected_and_rebuilt(tmp_path, extractor, caplog
     pixels = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
     with torch.inference_mode():
         ref = extractor.embedding(pixels)
-    assert float((rebuilt(pixels) - ref).abs().max()) <= FEATURE_RTOL * float(ref.abs().max())
+    assert float(np.abs(rebuilt(pixels) - ref.numpy()).max()) <= FEATURE_RTOL * float(ref.abs().max())
 
     path.write_bytes(path.read_bytes()[:4096])  # truncated
     assert open_cached().model.status == "rebuilt"
@@ -130,7 +132,7 @@ def test_cache_key_follows_the_source_of_the_graph(tmp_path, monkeypatch):
     """Editing the embedding's code (a different pooling, say) must never reuse an old export."""
     import hashlib
 
-    from pipeline.patchcore import runtime
+    from pipeline.patchcore import export as runtime
 
     copies = []
     for source in runtime.GRAPH_SOURCES:
