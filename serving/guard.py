@@ -21,6 +21,7 @@ import asyncio
 import json
 import logging
 import re
+import secrets
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from contextvars import ContextVar
@@ -46,6 +47,8 @@ FORM_FIELDS = {"image": "file", "image_b64": "text", "part_id": "text", "output"
 OPEN_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/metrics"})
 #: Methods whose requests carry no body to wait for.
 BODILESS = frozenset({"GET", "HEAD", "OPTIONS"})
+#: The boundary of every multipart body the guard passes on (it rebuilds each one).
+_BOUNDARY = b"tracebank-" + secrets.token_hex(16).encode("ascii")
 
 #: When the request in this context arrived (``time.perf_counter()``), set by :class:`RequestGuard`:
 #: the service counts its request deadline from it, on the same clock as BentoML's own timeout.
@@ -108,6 +111,7 @@ class RequestGuard:
         form = scope.get("method") == "POST" and scope.get("path") in self.paths
         if form and self.observe is not None:
             send = _observed(send, scope["path"], self.observe)
+        send = _uniform_errors(send)  # every refusal is {"error", "field"}, BentoML's own included
         if scope.get("method") in BODILESS:
             await self._in_slot(scope, receive, send)
             return
@@ -126,16 +130,18 @@ class RequestGuard:
             return
         try:
             if form and media_type == "multipart/form-data":
-                problem, payload, field = await _check_form(scope, body, headers.get("content-type", ""))
+                problem, payload, field = await _check_form(scope, body)
                 if problem is not None:
                     await _refuse(send, 400, problem, field)
                     return
                 scope = dict(scope)
-                scope["headers"] = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
-                scope["headers"].append((b"content-length", str(len(payload)).encode()))
+                scope["headers"] = [(k, v) for k, v in scope.get("headers", [])
+                                    if k.lower() not in (b"content-length", b"content-type")]
+                scope["headers"] += [(b"content-length", str(len(payload)).encode()),
+                                     (b"content-type", b"multipart/form-data; boundary=" + _BOUNDARY)]
             else:
                 payload = body
-            await self._in_slot(scope, _replay(payload), _uniform_errors(send) if form else send)
+            await self._in_slot(scope, _replay(payload), send)
         finally:
             self._buffered -= len(body)
 
@@ -211,7 +217,7 @@ def _replay(body: bytes) -> Receive:
     return receive
 
 
-async def _check_form(scope: Scope, body: bytes, content_type: str) -> tuple[str | None, bytes, str | None]:
+async def _check_form(scope: Scope, body: bytes) -> tuple[str | None, bytes, str | None]:
     """Why a multipart body is unusable (or None), the body to pass on, and the field at fault.
 
     The form is parsed once, strictly, and rebuilt from what was parsed: only the fields of
@@ -222,7 +228,10 @@ async def _check_form(scope: Scope, body: bytes, content_type: str) -> tuple[str
     the client's file name (BentoML writes it to a temporary file of that name). Text fields
     are passed on JSON-quoted: BentoML reads form fields as JSON, so ``part_id=4711`` would
     arrive as a number (and be refused) and ``part_id=null`` as nothing; quoted, every text
-    arrives as the text that was sent.
+    arrives as the text that was sent. The rebuilt body is delimited by :data:`_BOUNDARY`,
+    which the caller declares in the content type it passes on: the client's header may name
+    its boundary twice, quoted or not, and the service must not read another one than the
+    one the body was built with (BentoML answers 500 to a form it cannot parse).
     """
     request = Request(scope, _replay(body))
     try:
@@ -242,21 +251,23 @@ async def _check_form(scope: Scope, body: bytes, content_type: str) -> tuple[str
                         "(the image as a file in 'image')"), body, name[:60]
             if (kind == "file") != isinstance(value, UploadFile):
                 return f"field {name!r} must be {'a file upload' if kind == 'file' else 'text, not a file'}", body, name
-        boundary = content_type.split("boundary=", 1)[-1].split(";")[0].strip().strip('"').encode("latin-1")
         parts: list[bytes] = []
         for name, value in form.multi_items():
             disposition = f'form-data; name="{name}"'
             if isinstance(value, UploadFile):
                 suffix = Path(value.filename or "").suffix
                 filename = "upload" + (suffix.lower() if re.fullmatch(r"\.[A-Za-z0-9]{1,8}", suffix) else "")
-                head = (f"Content-Disposition: {disposition}; filename=\"{filename}\"\r\n"
-                        f"Content-Type: {value.content_type or 'application/octet-stream'}\r\n")
+                kind = (value.content_type or "").split(";")[0].strip()
+                kind = kind if re.fullmatch(r"[A-Za-z0-9.+-]+/[A-Za-z0-9.+-]+", kind) else "application/octet-stream"
+                head = f"Content-Disposition: {disposition}; filename=\"{filename}\"\r\nContent-Type: {kind}\r\n"
                 data = await value.read()
             else:
                 head = f"Content-Disposition: {disposition}\r\n"
                 data = json.dumps(value).encode("utf-8")
-            parts.append(b"--" + boundary + b"\r\n" + head.encode("utf-8") + b"\r\n" + data + b"\r\n")
-        return None, b"".join(parts) + b"--" + boundary + b"--\r\n", None
+            if _BOUNDARY in data:  # 128 random bits: never by chance, and never disclosed
+                return "a form part holds the multipart boundary the service uses inside", body, name
+            parts.append(b"--" + _BOUNDARY + b"\r\n" + head.encode("utf-8") + b"\r\n" + data + b"\r\n")
+        return None, b"".join(parts) + b"--" + _BOUNDARY + b"--\r\n", None
     finally:
         await form.close()
 
