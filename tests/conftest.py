@@ -104,3 +104,31 @@ def small_mtd_model(mtd_dataset, extractor):
     images = [img for _, img, _ in load_images(mtd_dataset.train[:150])]
     model = PatchCore(extractor.config, CoresetConfig(ratio=0.05), extractor=extractor)
     return model.fit([images[i : i + 8] for i in range(0, len(images), 8)])
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One throwaway PostgreSQL server for the run (tests/postgres.py), started on first use."""
+    from tests.postgres import postgres_server
+
+    with postgres_server() as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_url(postgres):
+    """The URL of a new empty PostgreSQL database of this test's own, dropped afterwards."""
+    name = postgres.create_database()
+    try:
+        yield postgres.url(name)
+    finally:
+        postgres.drop_database(name)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def audit_url(request, tmp_path):
+    """An empty audit database of each kind the audit log supports: a SQLite file, then a
+    database on the PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'audit' / 'decisions.sqlite'}"
+    return request.getfixturevalue("postgres_url")

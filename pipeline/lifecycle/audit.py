@@ -1,15 +1,22 @@
 """The audit trail: one row per inspection decision, in a SQL database.
 
-SQLite (one file, WAL mode) by default; any SQLAlchemy URL, PostgreSQL included, by
-configuration. A row is committed before the service answers, so an answered request is
-a recorded request; when the row cannot be written the caller gets :class:`AuditError`
-and must refuse the request (the service answers 503) rather than answer unrecorded.
+SQLite (one file, WAL mode) by default; PostgreSQL by URL (``postgresql+psycopg://user:
+password@host:5432/database``, with the ``postgres`` extra: ``pip install
+'tracebank[postgres]'``), or any other SQLAlchemy URL. A row is committed before the service
+answers, so an answered request is a recorded request; when the row cannot be written the
+caller gets :class:`AuditError` and must refuse the request (the service answers 503) rather
+than answer unrecorded.
 
 Note:
     SQLite runs with ``journal_mode=WAL`` and ``synchronous=NORMAL``: a committed row
     survives a killed process (the WAL is replayed on next open), readers never block the
     writer, and a commit costs one ``write`` rather than an ``fsync`` per row. The busy
-    timeout bounds how long a writer waits for a lock, well under the request timeout.
+    timeout bounds how long a writer waits for a lock, well under the request timeout; on
+    PostgreSQL the same bound is the session's ``lock_timeout`` and the connection timeout.
+
+    The table is created on first use, not when the log is opened: a service started while
+    its database is down starts, is not ready and answers 503, and records again once the
+    database is back. Every error message names the database with its password masked.
 """
 
 from __future__ import annotations
@@ -17,15 +24,25 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import sqlite3
+import threading
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 #: How long a write waits for a database lock before the request is refused (seconds).
 DEFAULT_LOCK_TIMEOUT_S = 5.0
+
+#: The Python driver each database needs, and the extra of tracebank's that installs it.
+DRIVER_EXTRAS = {"psycopg": "postgres"}
+#: PostgreSQL URLs without a driver (SQLAlchemy's default for them is psycopg2, which
+#: tracebank does not install) are taken as psycopg 3's.
+_POSTGRES_NAMES = ("postgres", "postgresql")
+#: The advisory lock under which PostgreSQL clients create the table one at a time.
+_SCHEMA_LOCK = zlib.crc32(b"tracebank.audit.decisions")
 
 metadata = sa.MetaData()
 decisions = sa.Table(
@@ -94,42 +111,100 @@ class AuditLog:
     """Records and queries decisions.
 
     Args:
-        url: SQLAlchemy URL or a path to a SQLite file (created with its folder).
-        lock_timeout_s: longest wait for a lock before :class:`AuditError`.
+        url: SQLAlchemy URL or a path to a SQLite file (created with its folder). A
+            ``postgresql://`` URL without a driver is taken as ``postgresql+psycopg://``.
+        lock_timeout_s: longest wait for a lock before :class:`AuditError` (on PostgreSQL
+            also the longest wait for a connection).
         max_mb: SQLite only: the largest the database file may grow (``PRAGMA
             max_page_count``); past it a write fails as on a full disk ("database or disk
             is full") and the caller answers 503. None: limited by the disk alone.
+
+    Raises:
+        AuditError: the URL cannot be parsed, names an unknown database, or its driver is
+            not installed (naming the driver and the extra that installs it). A database
+            that does not answer is no error here: every later call raises until it does.
     """
 
     def __init__(self, url: str | Path, *, lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S,
                  max_mb: float | None = None) -> None:
-        self.url = database_url(url)
-        self.is_sqlite = self.url.startswith("sqlite")
+        parsed = _parse(database_url(url))
+        if parsed.drivername in _POSTGRES_NAMES:
+            parsed = parsed.set(drivername="postgresql+psycopg")
+        self.url = parsed.render_as_string(hide_password=False)
+        backend, _, driver = parsed.drivername.partition("+")
+        self.is_sqlite = backend == "sqlite"
+        self._location = parsed.render_as_string(hide_password=True)
+        self._password = parsed.password
         connect_args: dict[str, Any] = {}
         if self.is_sqlite:
-            path = sa.engine.make_url(self.url).database
-            if path:
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            if parsed.database:
+                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
             connect_args = {"timeout": lock_timeout_s, "check_same_thread": False}
-        else:
-            connect_args = {"connect_timeout": max(1, int(lock_timeout_s))} if "postgres" in self.url else {}
-        self.engine = sa.create_engine(self.url, connect_args=connect_args, pool_pre_ping=not self.is_sqlite)
+        elif parsed.drivername == "postgresql+psycopg":
+            # libpq counts whole seconds and takes 1 as 2; lock_timeout is in milliseconds
+            connect_args = {"connect_timeout": max(2, round(lock_timeout_s)),
+                            "options": f"-c lock_timeout={max(1, round(lock_timeout_s * 1000))}"}
+        try:
+            self._engine = sa.create_engine(self.url, connect_args=connect_args, pool_pre_ping=not self.is_sqlite)
+        except ImportError as exc:  # the dialect imports its driver here
+            raise AuditError(_missing_driver(self._location, driver, exc)) from exc
+        except ArgumentError as exc:  # NoSuchModuleError: no such dialect
+            raise AuditError(f"audit database {self._location}: {exc}; the forms are a SQLite path, "
+                             "sqlite:///PATH and postgresql+psycopg://USER:PASSWORD@HOST:PORT/DATABASE") from exc
         if self.is_sqlite:
-            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+            sa.event.listen(self._engine, "connect", _sqlite_pragmas)
             if max_mb is not None:
                 max_pages = max(2, int(max_mb * 1024 * 1024 // SQLITE_PAGE_SIZE))
 
                 def _limit(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
                     dbapi_conn.execute(f"PRAGMA max_page_count={max_pages}")
 
-                sa.event.listen(self.engine, "connect", _limit)
+                sa.event.listen(self._engine, "connect", _limit)
+        self._schema_lock = threading.Lock()
+        self._has_schema = False
         try:
-            metadata.create_all(self.engine)
-        except SQLAlchemyError as exc:
-            raise AuditError(f"cannot open the audit database {self.location()}: {_reason(exc)}") from exc
+            self._create_schema()
+        except AuditError:
+            pass  # not reachable now: the first call that needs it tries again, and says why
 
     def location(self) -> str:
-        return sa.engine.make_url(self.url).render_as_string(hide_password=True)
+        """The database's URL with its password masked, as every message names it."""
+        return self._location
+
+    @property
+    def engine(self) -> sa.Engine:
+        """The SQLAlchemy engine, its ``decisions`` table created if it was not yet.
+
+        Raises:
+            AuditError: the table could not be created (the database does not answer).
+        """
+        self._create_schema()
+        return self._engine
+
+    def error(self, exc: Exception) -> AuditError:
+        """The :class:`AuditError` for ``exc``: the database's masked URL and the first line
+        of the driver's reason, any password in it masked too."""
+        original = getattr(exc, "orig", None)
+        reason = str(original or exc).splitlines()[0] if str(original or exc) else type(exc).__name__
+        if self._password:
+            reason = reason.replace(self._password, "***")
+        return AuditError(f"audit database {self._location}: {reason}")
+
+    def _create_schema(self) -> None:
+        if self._has_schema:
+            return
+        with self._schema_lock:
+            if self._has_schema:
+                return
+            try:
+                with self._engine.begin() as conn:
+                    if self._engine.dialect.name == "postgresql":
+                        # two workers starting together would both see no table and both create it
+                        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK})
+                    metadata.create_all(conn)
+            except SQLAlchemyError as exc:
+                raise self.error(exc) from exc
+            self._has_schema = True
 
     def record(self, decision: Decision) -> None:
         """Commit one row; raises :class:`AuditError` if it is not stored."""
@@ -148,7 +223,7 @@ class AuditLog:
             with self.engine.begin() as conn:
                 conn.execute(decisions.insert(), rows)
         except SQLAlchemyError as exc:
-            raise AuditError(f"audit database {self.location()}: {_reason(exc)}") from exc
+            raise self.error(exc) from exc
 
     def check(self) -> None:
         """Raise :class:`AuditError` unless the database answers (for readiness probes)."""
@@ -156,7 +231,7 @@ class AuditLog:
             with self.engine.connect() as conn:
                 conn.execute(sa.select(sa.func.count()).select_from(decisions).limit(1))
         except SQLAlchemyError as exc:
-            raise AuditError(f"audit database {self.location()}: {_reason(exc)}") from exc
+            raise self.error(exc) from exc
 
     def query(
         self,
@@ -166,7 +241,11 @@ class AuditLog:
         since: dt.datetime | None = None,
         limit: int | None = None,
     ) -> Iterator[Decision]:
-        """Decisions matching every filter given, oldest first."""
+        """Decisions matching every filter given, oldest first.
+
+        Raises:
+            AuditError: the database does not answer.
+        """
         stmt = sa.select(decisions).order_by(decisions.c.time, decisions.c.request_id)
         if part_id is not None:
             stmt = stmt.where(decisions.c.part_id == part_id)
@@ -176,11 +255,14 @@ class AuditLog:
             stmt = stmt.where(decisions.c.time >= self._db_time(since))
         if limit is not None:
             stmt = stmt.limit(limit)
-        with self.engine.connect() as conn:
-            for row in conn.execute(stmt).mappings():
-                values = dict(row)
-                values["time"] = _utc(values["time"])
-                yield Decision(**values)
+        try:
+            with self.engine.connect() as conn:
+                for row in conn.execute(stmt).mappings():
+                    values = dict(row)
+                    values["time"] = _utc(values["time"])
+                    yield Decision(**values)
+        except SQLAlchemyError as exc:
+            raise self.error(exc) from exc
 
     def _db_time(self, value: dt.datetime) -> dt.datetime:
         """SQLite stores datetimes as text without an offset: store naive UTC there."""
@@ -188,11 +270,32 @@ class AuditLog:
         return value.replace(tzinfo=None) if self.is_sqlite else value
 
     def count(self) -> int:
-        with self.engine.connect() as conn:
-            return int(conn.execute(sa.select(sa.func.count()).select_from(decisions)).scalar_one())
+        try:
+            with self.engine.connect() as conn:
+                return int(conn.execute(sa.select(sa.func.count()).select_from(decisions)).scalar_one())
+        except SQLAlchemyError as exc:
+            raise self.error(exc) from exc
 
     def dispose(self) -> None:
-        self.engine.dispose()
+        self._engine.dispose()
+
+
+def _parse(url: str) -> sa.URL:
+    try:
+        return sa.engine.make_url(url)
+    except (ArgumentError, ValueError) as exc:  # the text may hold a password: never repeat it
+        raise AuditError("the audit database URL cannot be parsed; the forms are a SQLite path, sqlite:///PATH "
+                         "and postgresql+psycopg://USER:PASSWORD@HOST:PORT/DATABASE") from exc
+
+
+def _missing_driver(location: str, driver: str, exc: ImportError) -> str:
+    """What to install for a URL whose driver does not import (``exc.name`` is the module
+    missing; psycopg without its binary part and without a system libpq raises with none)."""
+    module = (exc.name or driver).split(".")[0]
+    extra = DRIVER_EXTRAS.get(module) or DRIVER_EXTRAS.get(driver)
+    install = f"pip install 'tracebank[{extra}]' (the '{extra}' extra)" if extra else f"pip install {module}"
+    return (f"audit database {location} needs the Python driver '{module}', which cannot be imported "
+            f"({str(exc).splitlines()[0] if str(exc) else 'not installed'}): {install}")
 
 
 def _utc(value: dt.datetime) -> dt.datetime:
@@ -209,11 +312,6 @@ def _sqlite_pragmas(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
-
-
-def _reason(exc: SQLAlchemyError) -> str:
-    original = getattr(exc, "orig", None)
-    return str(original or exc).splitlines()[0]
 
 
 #: Columns of a decision in ``tracebank audit`` output, then ``bank_`` + each lineage field.
