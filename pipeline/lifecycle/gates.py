@@ -166,7 +166,9 @@ def rise_p_value(worse: int, better: int) -> float:
     images the two banks decide differently going against the candidate if neither bank
     were better (each such image a fair coin)."""
     n = worse + better
-    return sum(math.comb(n, i) for i in range(worse, n + 1)) / 2**n
+    # P(worse or more against) = P(better or fewer for), by the coin's symmetry: a sum
+    # that ends where the binomial does, with no bound past it to get wrong.
+    return sum(math.comb(n, i) for i in range(better + 1)) / 2**n
 
 
 def _rise_check(key: str, limit: float, label: int, what: str, decisions: Mapping[str, Any] | None,
@@ -184,14 +186,13 @@ def _rise_check(key: str, limit: float, label: int, what: str, decisions: Mappin
                else "the banks' decisions on the test images were not given")
         return {"name": name, "value": None, "limit": limit, "passed": True, "status": "not evaluated", "reason": why}
     wrong = (lambda d: not d) if label == 1 else (lambda d: bool(d))  # a miss, or a false reject
-    new = [wrong(candidate[i]) for i in idx]
-    old = [wrong(production[i]) for i in idx]
-    n = len(idx)
-    worse = sum(a and not b for a, b in zip(new, old, strict=True))
-    better = sum(b and not a for a, b in zip(new, old, strict=True))
-    value, base = sum(new) / n, sum(old) / n
+    pairs = [(wrong(candidate[i]), wrong(production[i])) for i in idx]  # (candidate, production)
+    n, new, old = len(pairs), sum(a for a, _ in pairs), sum(b for _, b in pairs)
+    worse = sum(a and not b for a, b in pairs)
+    better = sum(b and not a for a, b in pairs)
+    value, base = new / n, old / n
     rise, p = value - base, rise_p_value(worse, better)
-    detail = (f"{sum(old)} -> {sum(new)} of {n} {what} test images; {worse} decided worse and {better} better "
+    detail = (f"{old} -> {new} of {n} {what} test images; {worse} decided worse and {better} better "
               f"than by production, p = {p:.3g}")
     check = {"name": name, "value": value, "limit": base + limit, "production": base, "rise": rise, "n": n,
              "worse": worse, "better": better, "p_value": p, "detail": detail}
@@ -210,14 +211,14 @@ def judge(evaluation: Mapping[str, Any], config: GateConfig) -> dict[str, Any]:
     per_image, threshold = evaluation.get("per_image") or {}, metrics.get("threshold")
     decisions: dict[str, Any] | None = None
     if per_image.get("labels") is not None and threshold is not None:
-        decisions = {"labels": per_image["labels"], "candidate": [s >= threshold for s in per_image["scores"]],
-                     "production": None}
-        if production is not None:
-            scores, own = production.get("scores"), production.get("threshold")
-            if scores is None or own is None or len(scores) != len(per_image["labels"]):
-                decisions["unavailable"] = "production was not scored on the same test images at a threshold"
-            else:
-                decisions["production"] = [s >= own for s in scores]
+        labels = per_image["labels"]
+        scores, own = (production or {}).get("scores"), (production or {}).get("threshold")
+        theirs = (None if scores is None or own is None or len(scores) != len(labels)
+                  else [s >= own for s in scores])
+        decisions = {"labels": labels, "candidate": [s >= threshold for s in per_image["scores"]],
+                     "production": theirs}
+        if production is not None and theirs is None:
+            decisions["unavailable"] = "production was not scored on the same test images at a threshold"
     shown = None if production is None else {k: v for k, v in production.items() if k != "scores"}
     return check_gates(metrics, config, shown, synthetic=evaluation.get("evaluation_set") is not None,
                        decisions=decisions) | {"production_metrics": shown}

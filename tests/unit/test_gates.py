@@ -1,10 +1,12 @@
-"""Promotion gates against hand-worked cases: each floor, non-regression, missing metrics."""
+"""Promotion gates against hand-worked cases: each floor, non-regression, missing metrics, the
+operating point against production, and judge() on an evaluation.json built by hand."""
 
 import dataclasses
 
 import pytest
+from scipy.stats import beta
 
-from pipeline.lifecycle.gates import GateConfig, check_gates, rise_p_value
+from pipeline.lifecycle.gates import GateConfig, check_gates, judge, rate_interval, rise_p_value
 
 #: The floors and non-regression alone: the operating-point gates have their own tests below.
 FLOORS = {"max_miss_increase": None, "max_false_reject_increase": None}
@@ -255,3 +257,185 @@ def test_the_exact_mcnemar_tail_by_hand():
     assert rise_p_value(3, 1) == 5 / 16
     assert rise_p_value(0, 0) == 1.0
     assert rise_p_value(0, 4) == 1.0
+
+
+def test_an_exact_tail_at_the_significance_level_is_within_noise():
+    # 2 decided worse, none better: p = 0.5 ** 2 = 0.25, exactly 1 - 0.75. A p-value at the
+    # level is not beyond noise, so the rise (0.10 -> 0.20, past 0.05) passes, flagged.
+    at_level = dataclasses.replace(OP, confidence=0.75)
+    result, checks = op_gates(decided({0, 1, 2, 3}), decided({0, 1}), at_level)
+    miss = checks["miss_rate not above production's + 0.05"]
+    assert miss["p_value"] == 0.25 and miss["status"] == "passed" and result["passed"]
+    assert result["flags"] == [
+        "miss_rate not above production's + 0.05: rose +0.1000, past the setting but within noise at 75% "
+        "(2 -> 4 of 20 defective test images; 2 decided worse and 0 better than by production, p = 0.25)"]
+    # one more image decided worse: p = 1/8 < 0.25, beyond noise
+    beyond, _ = op_gates(decided({0, 1, 2, 3, 4}), decided({0, 1}), at_level)
+    assert not beyond["passed"] and beyond["flags"] == []
+
+
+def test_a_class_with_no_test_images_is_not_evaluated_and_says_which_class():
+    # every test image is defective: the false-reject rise has nothing to be measured on
+    labels = [1] * 4
+    decisions = {"labels": labels, "candidate": [True, True, False, True], "production": [True] * 4}
+    result = check_gates({}, OP, decisions=decisions)
+    fr = by_name(result)["false_reject_rate not above production's + 0.05"]
+    assert fr == {"name": "false_reject_rate not above production's + 0.05", "value": None, "limit": 0.05,
+                  "passed": True, "status": "not evaluated",
+                  "reason": "no good test images decided by both banks"}
+    miss = by_name(result)["miss_rate not above production's + 0.05"]
+    assert miss["detail"].startswith("0 -> 1 of 4 defective test images")  # 1 worse: p = 0.5, within noise
+    assert result["passed"] and len(result["flags"]) == 1
+
+
+def test_production_that_could_not_decide_the_images_is_not_evaluated_with_the_reason_given():
+    why = "production was not scored on the same test images at a threshold"
+    result = check_gates({}, OP, decisions={"labels": LABELS, "candidate": decided(set()), "production": None,
+                                            "unavailable": why})
+    assert result["passed"] and result["failures"] == []
+    assert [(c["name"], c["status"], c["reason"]) for c in result["checks"]] == [
+        ("miss_rate not above production's + 0.05", "not evaluated", why),
+        ("false_reject_rate not above production's + 0.05", "not evaluated", why)]
+
+
+def test_the_false_reject_ceiling_names_the_good_images_and_its_interval_at_the_set_confidence():
+    # 3 of 60 good parts rejected: 0.05, at the ceiling. Clopper-Pearson at 80%:
+    # [Beta(0.1; 3, 58), Beta(0.9; 4, 57)] quantiles (computed here by scipy, independently of gates).
+    config = GateConfig(image_auroc_min=None, pro_min=None, pixel_auroc_min=None, max_false_reject=0.05,
+                        confidence=0.8, **FLOORS)
+    check = by_name(check_gates({"false_reject_rate": 3 / 60, "n_good": 60}, config))["false_reject_rate <= 0.05"]
+    low, high = beta.ppf(0.1, 3, 58), beta.ppf(0.9, 4, 57)
+    assert check["status"] == "passed" and check["n"] == 60
+    assert check["interval"] == pytest.approx([low, high], rel=1e-9)
+    assert check["detail"] == f"3 of 60 good test images, interval {low:.3f}-{high:.3f}"
+    # without a confidence setting (every rise fails) the interval is still given, at 95%
+    loose = dataclasses.replace(config, confidence=None)
+    check = by_name(check_gates({"false_reject_rate": 3 / 60, "n_good": 60}, loose))["false_reject_rate <= 0.05"]
+    assert check["interval"] == pytest.approx([beta.ppf(0.025, 3, 58), beta.ppf(0.975, 4, 57)], rel=1e-9)
+
+
+def test_an_unmeasured_ceiling_fails_and_the_next_ceiling_is_still_checked():
+    # no good test images, so no false-reject rate; the miss rate (2 of 20) is still judged.
+    config = GateConfig(image_auroc_min=None, pro_min=None, pixel_auroc_min=None, max_false_reject=0.05,
+                        max_miss_rate=0.1, **FLOORS)
+    result = check_gates({"false_reject_rate": None, "n_good": 0, "miss_rate": 0.1, "n_defect": 20}, config)
+    assert [(c["name"], c["status"]) for c in result["checks"]] == [
+        ("false_reject_rate <= 0.05", "failed"), ("miss_rate <= 0.1", "passed")]
+    assert result["failures"] == ["false_reject_rate <= 0.05 failed (got None); no good test images to measure it on"]
+
+
+@pytest.mark.parametrize("n", [1, 5, 20])
+def test_clopper_pearson_at_the_ends_has_a_closed_form(n):
+    # Beta(1, n) and Beta(n, 1) have closed-form quantiles, so the textbook bounds are
+    # k = 0: [0, 1 - (a/2)^(1/n)];  k = n: [(a/2)^(1/n), 1];  k = 1: low 1 - (1 - a/2)^(1/n).
+    a = 0.05
+    assert rate_interval(0, n) == pytest.approx((0.0, 1 - (a / 2) ** (1 / n)), rel=1e-9)
+    assert rate_interval(0, n)[0] == 0.0 and rate_interval(n, n)[1] == 1.0
+    assert rate_interval(n, n) == pytest.approx(((a / 2) ** (1 / n), 1.0), rel=1e-9)
+    if n > 1:
+        assert rate_interval(1, n)[0] == pytest.approx(1 - (1 - a / 2) ** (1 / n), rel=1e-9)
+    # at 90%: a = 0.10
+    assert rate_interval(0, n, 0.9)[1] == pytest.approx(1 - 0.05 ** (1 / n), rel=1e-9)
+
+
+def test_clopper_pearson_of_ten_images_against_published_values():
+    # 0 of 10: the 95% two-sided upper bound is 1 - 0.025 ** 0.1 = 0.3085 (Clopper-Pearson tables)
+    assert rate_interval(0, 10) == pytest.approx((0.0, 0.3085), abs=1e-4)
+    # 1 of 10: [0.0025, 0.4450] (binom.test(1, 10) in R)
+    assert rate_interval(1, 10) == pytest.approx((0.0025, 0.4450), abs=1e-4)
+
+
+def test_confidence_must_be_at_least_a_half_and_below_one():
+    assert GateConfig(confidence=0.5).confidence == 0.5 and GateConfig(confidence=None).confidence is None
+    for bad in (1.0, 1.5, 0.49):
+        with pytest.raises(ValueError, match=rf"gates.confidence must be in \[0.5, 1\) or null, got {bad}"):
+            GateConfig(confidence=bad)
+
+
+# judge() reads evaluation.json as pipeline.lifecycle.steps.evaluate_step writes it: the
+# candidate's metrics (its own threshold among them), the evaluation set (None for real
+# defects), the per-image labels and scores, and production (production_metrics: its metrics
+# at its own recorded threshold, bank_id, threshold_source and its scores on the same images).
+# 8 defective then 8 good images. The candidate rejects at 0.5 (a score of 0.5 is rejected):
+# it catches 3 defects and misses 5, and rejects 2 good ones. Production rejects at 2.0 on its
+# own scale: it catches all 8 (one exactly at 2.0) and rejects no good one.
+JUDGE = GateConfig(max_miss_increase=0.05, max_false_reject_increase=0.05)
+PER_IMAGE = {"labels": [1] * 8 + [0] * 8,
+             "scores": [0.9, 0.8, 0.5, 0.3, 0.2, 0.1, 0.4, 0.49] + [0.6, 0.7, 0.1, 0.2, 0.3, 0.0, 0.45, 0.49]}
+CANDIDATE = {"image_auroc": 0.9, "pixel_auroc": 0.85, "pro": 0.7, "n_good": 8, "n_defect": 8, "threshold": 0.5,
+             "threshold_method": "nominal_0.99", "false_reject_rate": 0.25, "miss_rate": 0.625, "f1": 6 / 13,
+             "threshold_chosen_on": "calibration split (4 good, 0 defective)", "seconds": 1.5}
+PRODUCTION = {"image_auroc": 0.95, "pixel_auroc": 0.85, "pro": 0.7, "n_good": 8, "n_defect": 8, "threshold": 2.0,
+              "threshold_method": "nominal_0.99", "false_reject_rate": 0.0, "miss_rate": 0.0, "f1": 1.0,
+              "bank_id": "b-prod", "threshold_source": "its own recorded threshold",
+              "scores": [3.0, 2.5, 2.2, 2.0, 2.1, 2.9, 3.3, 2.4] + [1.0, 1.9, 0.5, 1.2, 1.1, 0.3, 1.5, 1.99]}
+
+
+def evaluation(**changes):
+    return {"bank_id": "b-new", "metrics": CANDIDATE, "evaluation_set": None, "per_image": PER_IMAGE,
+            "production": PRODUCTION} | changes
+
+
+def test_judge_decides_both_banks_at_their_own_thresholds_and_reports_every_gate():
+    result = judge(evaluation(), JUDGE)
+    assert result["passed"] is False and result["defects"] == "real"
+    assert [(c["name"], c["status"]) for c in result["checks"]] == [
+        ("image_auroc >= 0.8", "passed"), ("pro >= 0.6", "passed"), ("pixel_auroc >= 0.8", "passed"),
+        ("image_auroc not below production 0.9500 - 0.02", "failed"),
+        ("pro not below production 0.7000 - 0.02", "passed"),
+        ("pixel_auroc not below production 0.8500 - 0.02", "passed"),
+        ("miss_rate not above production's + 0.05", "failed"),
+        ("false_reject_rate not above production's + 0.05", "passed")]
+    # 5 defects missed that production caught, none the other way: p = 1/32, beyond noise.
+    # 2 good parts rejected that production accepted: p = 1/4, within noise, flagged.
+    assert result["failures"] == [
+        "image_auroc not below production 0.9500 - 0.02 failed (got 0.9)",
+        "miss_rate not above production's + 0.05 failed (got 0.625); 0 -> 5 of 8 defective test images; "
+        "5 decided worse and 0 better than by production, p = 0.0312"]
+    assert result["flags"] == [
+        "false_reject_rate not above production's + 0.05: rose +0.2500, past the setting but within noise at 95% "
+        "(0 -> 2 of 8 good test images; 2 decided worse and 0 better than by production, p = 0.25)"]
+    assert result["production_metrics"] == {k: v for k, v in PRODUCTION.items() if k != "scores"}
+
+
+def test_judge_of_a_first_bank_has_nothing_to_compare_with():
+    result = judge(evaluation(production=None), JUDGE)
+    assert result["passed"] and result["failures"] == [] and result["production_metrics"] is None
+    assert [(c["name"], c["status"], c.get("reason")) for c in result["checks"]][3:] == [
+        ("miss_rate not above production's + 0.05", "not evaluated", "there is no production bank to compare with"),
+        ("false_reject_rate not above production's + 0.05", "not evaluated",
+         "there is no production bank to compare with")]
+
+
+@pytest.mark.parametrize("production", [
+    PRODUCTION | {"scores": PRODUCTION["scores"][:-1]},  # scored on other images
+    PRODUCTION | {"threshold": None},  # no threshold of its own
+    {k: v for k, v in PRODUCTION.items() if k != "scores"},  # not scored image by image
+])
+def test_judge_with_production_not_decided_on_the_same_images_says_so_and_still_compares_metrics(production):
+    result = judge(evaluation(production=production), JUDGE)
+    checks = by_name(result)
+    why = "production was not scored on the same test images at a threshold"
+    for name in ("miss_rate not above production's + 0.05", "false_reject_rate not above production's + 0.05"):
+        assert (checks[name]["status"], checks[name]["reason"]) == ("not evaluated", why)
+    assert result["failures"] == ["image_auroc not below production 0.9500 - 0.02 failed (got 0.9)"]
+    assert result["production_metrics"]["bank_id"] == "b-prod" and "scores" not in result["production_metrics"]
+
+
+@pytest.mark.parametrize("changes", [
+    {"per_image": None},  # an evaluation.json written before per-image scores were kept
+    {"metrics": CANDIDATE | {"threshold": None}},  # a candidate without a threshold
+])
+def test_judge_without_the_candidates_decisions_says_they_were_not_given(changes):
+    result = judge(evaluation(**changes), JUDGE)
+    rises = [c for c in result["checks"] if "production's" in c["name"]]
+    assert [(c["status"], c["reason"]) for c in rises] == [
+        ("not evaluated", "the banks' decisions on the test images were not given")] * 2
+    assert result["failures"] == ["image_auroc not below production 0.9500 - 0.02 failed (got 0.9)"]
+
+
+def test_judge_of_a_synthetic_evaluation_set_names_every_gate_synthetic():
+    result = judge(evaluation(evaluation_set={"spec": "synthetic:cutpaste", "synthetic": True}), JUDGE)
+    assert result["defects"] == "synthetic" and len(result["checks"]) == 8
+    assert all(c["name"].startswith("synthetic ") for c in result["checks"])
+    assert result["failures"][1].startswith("synthetic miss_rate not above production's + 0.05 failed (got 0.625)")
