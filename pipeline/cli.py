@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 from tqdm import tqdm
@@ -22,11 +22,7 @@ from tqdm import tqdm
 from pipeline.data.datasets import DatasetError, LoadReport, Sample, batched, load_images, open_dataset
 from pipeline.data.images import ImageError
 from pipeline.data.inputs import image_inputs, output_paths, relative_names
-from pipeline.data.synthetic_set import describe as describe_eval_set
-from pipeline.evaluation.evaluate import default_method, evaluate
-from pipeline.evaluation.overlay import heatmap_overlay
 from pipeline.lifecycle.audit import AuditError
-from pipeline.lifecycle.fitting import Progress, extend_bank, fit_bank
 from pipeline.lifecycle.registry import NoEarlierBank, RegistryError
 from pipeline.lifecycle.service_reload import ReloadFailed, reload_service
 from pipeline.patchcore.bank import BankError, load_bank
@@ -35,12 +31,18 @@ from .cli_args import build_parser, preset_value
 from .cli_show import REGISTRY_VIEWS, json_default
 from .config import ConfigError, CoresetConfig, FeatureConfig, ScoringConfig, from_mapping
 
+if TYPE_CHECKING:  # the commands import the fitting, evaluation and drawing code they use
+    from pipeline.lifecycle.fitting import Progress
+
 #: Exit status for errors in what the user asked (not bugs).
 USER_ERROR = 2
 #: Exit status of ``predict`` when some inputs could not be read (the others are scored).
 PARTLY_FAILED = 1
 #: Exit status of ``rollback`` when there is no earlier production bank to return to.
 NOTHING_TO_ROLL_BACK = 1
+#: Exit status of ``banks`` and ``lineage`` when they found the registry damaged (a corrupt
+#: bank, a damaged production pointer); they print what they could read, and the problems.
+DAMAGED = 1
 Command = Callable[[argparse.Namespace], dict[str, Any]]
 COMMANDS: dict[str, Command] = {}
 
@@ -81,6 +83,8 @@ def _feature_config(args: argparse.Namespace) -> FeatureConfig:
 
 @command("fit")
 def _fit(args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.lifecycle.fitting import extend_bank, fit_bank
+
     if args.extend:
         return extend_bank(_bank_path(args.extend, "banks"), args.data, Path(args.out), batch_size=args.batch_size,
                            progress=_progress(args.quiet or args.json), evaluate_after=not args.no_evaluate)
@@ -101,6 +105,9 @@ def _fit(args: argparse.Namespace) -> dict[str, Any]:
 
 @command("evaluate")
 def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.data.synthetic_set import describe as describe_eval_set
+    from pipeline.evaluation.evaluate import default_method, evaluate
+
     model, manifest = load_bank(args.bank, device=args.device)
     dataset = open_dataset(args.data)
     if args.limit:
@@ -130,6 +137,8 @@ def _bank_path(bank: str, registry: str) -> Path:
 @command("predict")
 def _predict(args: argparse.Namespace) -> dict[str, Any]:
     """Score images in batches; write heatmap overlays only when ``--out`` is given."""
+    from pipeline.evaluation.overlay import heatmap_overlay
+
     start = time.perf_counter()
     model, manifest = load_bank(_bank_path(args.bank, args.registry), device=args.device)
     load_s = time.perf_counter() - start
@@ -212,17 +221,29 @@ def _add(args: argparse.Namespace) -> dict[str, Any]:
 
 @command("banks")
 def _banks(args: argparse.Namespace) -> dict[str, Any]:
+    """Every bank, its files checked; ``problems``: a damaged pointer, each corrupt bank."""
     from pipeline.lifecycle.registry import Registry
 
     registry = Registry(args.registry)
-    return {"production": (registry.production() or {}).get("bank_id"), "banks": registry.list()}
+    rows = registry.list(verify=True)
+    problems = [p for p in [registry.pointer_problem()] if p] + [
+        f"bank {r['bank_id']} ({r['status']}) is corrupt: {r['problem']}; do not use it: restore "
+        f"{registry.root / r['bank_id']} from a backup" for r in rows if r["problem"]]
+    return {"production": (registry.from_log() or {}).get("bank_id"), "banks": rows, "problems": problems}
 
 
 @command("lineage")
 def _lineage(args: argparse.Namespace) -> dict[str, Any]:
+    """The bank's record; ``warnings``: its files do not match their sha256, or the pointer is damaged."""
+    from pipeline.lifecycle.integrity import bank_problem
     from pipeline.lifecycle.registry import Registry
 
-    return Registry(args.registry).lineage(args.bank)
+    registry = Registry(args.registry)
+    record = registry.lineage(args.bank)
+    folder = registry.bank_dir(record["bank_id"])
+    warnings = [f"bank {record['bank_id']} is corrupt: {problem}; do not use it: restore {folder} from a backup"
+                for problem in [bank_problem(folder)] if problem]
+    return record | {"warnings": warnings + [p for p in [registry.pointer_problem()] if p]}
 
 
 @command("register")
@@ -309,25 +330,6 @@ def _audit(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _print_human(name: str, result: dict[str, Any]) -> None:
-    if name == "banks":
-        for row in result["banks"]:
-            auroc = "-" if row["image_auroc"] is None else f"{row['image_auroc']:.3f}"
-            print(f"{row['bank_id']}  {row['status']:10s}  {row['created_at']}  image_auroc {auroc}")
-        return
-    if name == "add":
-        print(f"added {result['n_added']} image(s) to {result['root']}/train/good, {result['n_duplicates']} "
-              f"duplicate(s) skipped, {result['n_quarantined']} quarantined; data hash {result['data_hash']}")
-        lines = [f"duplicate {d['source']}: same bytes as {d['same_as']}" for d in result["duplicates"]]
-        lines += [f"quarantined {q['source']} -> {q['path']}: {q['reason']}" for q in result["quarantined"]]
-        lines += [f"refused {r['source']}: {r['reason']}" for r in result["refused"]]
-        print("\n".join(lines), end="\n" if lines else "")
-        return
-    if name == "import":
-        print(f"imported {result['n_train']} training and {result['n_test']} test image(s) into {result['root']}; "
-              f"data hash {result['data_hash']}")
-        for item in result["skipped"]:
-            print(f"skipped {item['path']}: {item['reason']}")
-        return
     if name in REGISTRY_VIEWS:
         REGISTRY_VIEWS[name](result)
         return
@@ -386,6 +388,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(result, default=json_default))
     else:
         _print_human(args.command, result)
+    if result.get("problems") or result.get("warnings"):
+        return DAMAGED
     return PARTLY_FAILED if unread else 0
 
 

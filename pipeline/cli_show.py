@@ -1,8 +1,10 @@
-"""How ``tracebank`` prints the registry's answers (``lineage``, ``history``, ``promote``,
-``rollback``, ``data restore``) for a person; ``--json`` prints the same data whole."""
+"""How ``tracebank`` prints the registry's answers (``banks``, ``lineage``, ``history``,
+``promote``, ``rollback``, ``data restore``) and the data's (``add``, ``import``) for a person;
+``--json`` prints the same data whole."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,11 @@ def show_lineage(result: dict[str, Any]) -> None:
     metrics = result.get("metrics") or {}
     threshold = (result.get("threshold") or {}).get("value")
     gates = result.get("gates") or {}
-    print(f"bank {result.get('bank_id')}  {result.get('status')}  created {result.get('created_at')}")
+    corrupt = "  CORRUPT" if any(w.startswith(f"bank {result.get('bank_id')} is corrupt")
+                                 for w in result.get("warnings") or []) else ""
+    print(f"bank {result.get('bank_id')}  {result.get('status')}{corrupt}  created {result.get('created_at')}")
+    for warning in result.get("warnings") or []:
+        print(f"  WARNING    {warning}")
     kind = result.get("data_hash_kind") or "dvc-md5"
     print(f"  data       {result.get('data_spec')}  hash {result.get('data_hash')} ({kind})  "
           f"({len(result.get('files') or [])} training images)")
@@ -82,6 +88,32 @@ def operating_line(metrics: dict[str, Any], threshold: float | None) -> str | No
     return ", ".join(parts) + f" at threshold {threshold:.4g}" if parts else None
 
 
+def show_banks(result: dict[str, Any]) -> None:
+    """One line a bank (a corrupt one's status says so), the registry's problems on stderr."""
+    for row in result["banks"]:
+        auroc = "-" if row["image_auroc"] is None else f"{row['image_auroc']:.3f}"
+        status = f"CORRUPT: {row['problem']} ({row['status']})" if row.get("problem") else row["status"]
+        print(f"{row['bank_id']}  {status:10s}  {row['created_at']}  image_auroc {auroc}")
+    for problem in result.get("problems") or []:
+        print(f"tracebank banks: WARNING: {problem}", file=sys.stderr)
+
+
+def show_add(result: dict[str, Any]) -> None:
+    print(f"added {result['n_added']} image(s) to {result['root']}/train/good, {result['n_duplicates']} "
+          f"duplicate(s) skipped, {result['n_quarantined']} quarantined; data hash {result['data_hash']}")
+    lines = [f"duplicate {d['source']}: same bytes as {d['same_as']}" for d in result["duplicates"]]
+    lines += [f"quarantined {q['source']} -> {q['path']}: {q['reason']}" for q in result["quarantined"]]
+    lines += [f"refused {r['source']}: {r['reason']}" for r in result["refused"]]
+    print("\n".join(lines), end="\n" if lines else "")
+
+
+def show_import(result: dict[str, Any]) -> None:
+    print(f"imported {result['n_train']} training and {result['n_test']} test image(s) into {result['root']}; "
+          f"data hash {result['data_hash']}")
+    for item in result["skipped"]:
+        print(f"skipped {item['path']}: {item['reason']}")
+
+
 def show_history(result: dict[str, Any]) -> None:
     entries = result["entries"]
     if not entries:
@@ -99,6 +131,11 @@ def show_restore(result: dict[str, Any]) -> None:
 
 
 def show_promote(result: dict[str, Any]) -> None:
+    if result.get("repaired"):
+        print(f"production pointer rewritten from the promotion log: {result['bank_id']} is production "
+              "(a repair entry in the log)")
+        _reloaded(result)
+        return
     if result.get("unchanged"):
         print(f"{result['bank_id']} is already the production bank (since {result['promoted_at']}, by "
               f"{result.get('promoted_by')}): nothing changed")
@@ -130,6 +167,6 @@ def _reloaded(result: dict[str, Any]) -> None:
 
 
 REGISTRY_VIEWS: dict[str, Callable[[dict[str, Any]], None]] = {
-    "lineage": show_lineage, "history": show_history, "data": show_restore, "promote": show_promote,
-    "rollback": show_rollback,
+    "banks": show_banks, "lineage": show_lineage, "history": show_history, "data": show_restore,
+    "promote": show_promote, "rollback": show_rollback, "add": show_add, "import": show_import,
 }

@@ -17,6 +17,8 @@ import binascii
 import io
 import json
 import logging
+import os
+import signal
 import threading
 import time
 import warnings
@@ -28,6 +30,7 @@ from typing import Any, Literal, TypeVar, cast
 import bentoml
 from PIL import Image
 from pydantic import BaseModel, Field, PrivateAttr
+from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 
 from pipeline.data.images import ImageError
@@ -105,6 +108,32 @@ def _late(settings: Settings) -> str:
             "(TRACEBANK_REQUEST_TIMEOUT_S), so not recorded; retry later")
 
 
+def exit_with_parent(every_s: float = 1.0, grace_s: float = 10.0) -> threading.Thread | None:
+    """Stop this worker when the server process that started it dies.
+
+    BentoML starts each worker in a session of its own, holding the listening socket, so a
+    ``kill -9`` of ``bentoml serve`` (or of its process group) would leave the worker
+    answering with nobody to supervise, restart or stop it. A daemon thread polls the
+    parent's pid; once it changes the worker stops as on SIGTERM (requests in flight finish),
+    and for good after ``grace_s`` seconds. None when there is no parent to watch (pid 1).
+    """
+    parent = os.getppid()
+    if parent <= 1:
+        return None
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every_s)
+        logger.error("the server process %d is gone: this worker stops", parent)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace_s)
+        os._exit(1)
+
+    thread = threading.Thread(target=watch, name="tracebank-parent-watch", daemon=True)
+    thread.start()
+    return thread
+
+
 def _b64(text: str, field: str) -> bytes:
     try:
         return base64.b64decode(text, validate=True)
@@ -158,23 +187,34 @@ class Inspection:
         self._workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="tracebank-inspect")
         self.bank: LoadedBank | None = None
         self.load_error: str | None = None
+        exit_with_parent()
         try:
             self.bank = self._load()
             logger.info("serving bank %s (threshold %.4f)", self.bank.bank_id, self.bank.threshold)
-        except (BankError, RegistryError, OSError) as exc:
+        except (BankError, RegistryError, OSError) as exc:  # started, not ready: /readyz and /predict say why
             self.load_error = str(exc)
             logger.error("no bank loaded: %s", exc)
         logger.info("audit database: %s", self.audit.location())
 
     def _load(self) -> LoadedBank:
+        """The production bank, every copy of it verified (see :func:`serving.store.production_bank_dir`).
+
+        Raises:
+            RegistryError, BankError, OSError: the message says which record or file and what to do.
+        """
         directory = production_bank_dir(self.settings.registry, self.settings.model_tag)
-        return LoadedBank(directory, device=self.settings.device)
+        try:
+            return LoadedBank(directory, device=self.settings.device)
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:  # a whole manifest with odd contents
+            raise BankError(f"the bank in {directory} cannot be loaded ({type(exc).__name__}: {exc}): its "
+                            "manifest is malformed; promote another bank") from exc
 
     def __is_ready__(self) -> bool:
         """A bank is loaded and a decision can be recorded: after a failed audit write, only
-        once a probe write succeeds again (a full disk still answers reads)."""
+        once a probe write succeeds again (a full disk still answers reads). Not ready is a
+        503 whose text says why (``not ready: ...``, paths cut)."""
         if self.bank is None:
-            return False
+            raise HTTPException(503, scrub(f"not ready: no bank loaded: {self.load_error}"))
         try:
             if self.audit_problem is None:
                 self.audit.check()
@@ -184,7 +224,7 @@ class Inspection:
                 self.audit_problem = None
         except AuditError as exc:
             logger.warning("not ready: %s", exc)
-            return False
+            raise HTTPException(503, scrub(f"not ready: decisions cannot be recorded: {exc}")) from exc
         return True
 
     async def _within(self, ticket: Ticket, work: Callable[..., T], *args: Any) -> T:
@@ -347,6 +387,7 @@ class Inspection:
         token, no paths, file lists or user names (:func:`serving.redact.public`)."""
         bank = self.bank
         if bank is None:
+            ctx.response.status_code = 503  # BentoML takes the status from ctx when one is declared
             return _error(503, f"no bank loaded: {self.load_error}")
         info: dict[str, Any] = {
             "bank_id": bank.bank_id,
@@ -390,7 +431,7 @@ class Inspection:
             try:
                 fresh = self._load()
             except (BankError, RegistryError, OSError) as exc:
-                return refuse(409, f"reload refused, still serving {previous}: {exc}", bank_id=previous)
+                return refuse(409, f"reload refused, still serving {previous or 'nothing'}: {exc}", bank_id=previous)
             self.bank = fresh
             self.load_error = None
         logger.info("reloaded: %s -> %s", previous, fresh.bank_id)

@@ -14,8 +14,9 @@ from typing import Any
 import bentoml
 import yaml
 
+from pipeline.lifecycle.integrity import verified_manifest
 from pipeline.lifecycle.registry import Registry, RegistryError
-from pipeline.patchcore.bank import read_manifest
+from pipeline.patchcore.bank import BankError, read_manifest
 
 MODEL_NAME = "tracebank-bank"
 
@@ -82,6 +83,29 @@ def bank_path_in_store(tag: str) -> Path:
     return Path(bentoml.models.get(tag).path)
 
 
+def _store_copy(tag: str, what: str, bank_id: str | None = None) -> Path:
+    """The directory of model ``tag``, after checking that its manifest is whole, every file
+    matches its sha256 and (when given) that it is bank ``bank_id``.
+
+    Raises:
+        RegistryError: the model is not in this store (or its record there is unreadable).
+        BankError: the stored copy is corrupt or is another bank.
+    """
+    try:
+        path = bank_path_in_store(tag)
+    except bentoml.exceptions.NotFound as exc:
+        raise RegistryError(f"{what} names model {tag}, which is not in the BentoML model store at "
+                            f"{bentoml_home()}; set BENTOML_HOME to the store the pipeline packaged into") from exc
+    except bentoml.exceptions.BentoMLException as exc:
+        raise RegistryError(f"model {tag} cannot be read from the BentoML model store ({exc}); delete it "
+                            f"(`bentoml models delete {tag}`) and package the bank again") from exc
+    manifest = verified_manifest(path, f"model-store copy {tag} of {what}")
+    if bank_id is not None and manifest.get("bank_id") != bank_id:
+        raise BankError(f"model-store copy {tag} of {what} is bank {manifest.get('bank_id')}, not {bank_id}; "
+                        f"delete it (`bentoml models delete {tag}`) and package the bank again")
+    return path
+
+
 def bento_file() -> Path | None:
     """``bento.yaml`` of the Bento being served, or None outside a Bento (BentoML imports a
     Bento's service with its ``src`` folder as the working directory)."""
@@ -124,37 +148,35 @@ def production_bank_dir(registry_root: str | Path, model_tag: str | None = None)
     production bank as packaged in the model store, else (inside a Bento without a
     registry) the bank the Bento carries.
 
+    Every copy is checked before it is named: the model-store copy to be loaded, and for
+    the registry's production bank its registry copy too (the record of what production
+    is: a corrupt one means the registry is damaged, even while the store's copy is whole).
+
     Raises:
-        RegistryError: no production bank, or its packaged copy is not in this model store.
+        RegistryError: no production bank, the production pointer or the promotion log is
+            damaged, or the packaged copy is not in this model store.
+        BankError: a copy is corrupt (its manifest is not whole or a file's sha256 differs).
     """
     if model_tag:
-        try:
-            return bank_path_in_store(model_tag)
-        except bentoml.exceptions.NotFound as exc:
-            raise RegistryError(f"model {model_tag} is not in the BentoML model store ({exc})") from exc
+        return _store_copy(model_tag, f"TRACEBANK_MODEL_TAG {model_tag}")
     registry = Registry(registry_root)
     production = registry.production()
     if production is None:
         bundled = bundled_bank_tag()
         if bundled is not None:
-            return bank_path_in_store(bundled)
+            return _store_copy(bundled, "the bank this Bento carries")
         raise RegistryError(
             f"no production bank in registry {registry_root}; run the training flow or `tracebank promote BANK`"
         )
-    record = registry.lineage(production["bank_id"])
-    tag = record.get("model_tag")
+    bank_id = production["bank_id"]
+    verified_manifest(registry.bank_dir(bank_id), f"production bank {bank_id}'s registry copy")
+    tag = registry.lineage(bank_id).get("model_tag")
     if not tag:
         raise RegistryError(
-            f"production bank {production['bank_id']} was never packaged into the BentoML model store; "
+            f"production bank {bank_id} was never packaged into the BentoML model store; "
             "rerun the pipeline's package step for it"
         )
-    try:
-        return bank_path_in_store(tag)
-    except bentoml.exceptions.NotFound as exc:
-        raise RegistryError(
-            f"production bank {production['bank_id']} names model {tag}, which is not in the BentoML model store "
-            f"at {bentoml_home()}; set BENTOML_HOME to the store the pipeline packaged into"
-        ) from exc
+    return _store_copy(str(tag), f"production bank {bank_id}", bank_id)
 
 
 def data_home() -> Path:

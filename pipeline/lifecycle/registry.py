@@ -20,7 +20,9 @@ both reach the log.
 
 The promotion log is the source of truth; ``PRODUCTION.json`` is rewritten from it after
 each promotion for readers that want one small file, and a registry that only has the
-pointer (written before the log existed) is read from the pointer.
+pointer (written before the log existed) is read from the pointer. Beside a log, a pointer
+that is not the log's replay is refused (:mod:`pipeline.lifecycle.integrity`) until
+``promote --force`` rewrites it, a ``repair`` entry of the log that moves no bank.
 """
 
 from __future__ import annotations
@@ -35,10 +37,12 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from pipeline.patchcore.bank import BankError, read_manifest, write_json_atomic
+from pipeline.patchcore.bank import read_manifest, write_json_atomic
 
 from . import ledger
-from .ledger import Busy, FileLock, LedgerError, append_jsonl, now, read_jsonl, replay, to_time, user_name
+from .integrity import REPAIR, bank_problem, pointer_problem, read_promotions, replay_moves
+from .ledger import Busy, FileLock, LedgerError, append_jsonl, now, read_jsonl, to_time, user_name
+from .lineage import lineage_of, status_of
 
 POINTER = "PRODUCTION.json"
 LINEAGE = "lineage.json"
@@ -68,6 +72,13 @@ class RegistryBusy(RegistryError):
 def _read_log(path: Path) -> list[dict[str, Any]]:
     try:
         return read_jsonl(path)
+    except LedgerError as exc:
+        raise RegistryError(str(exc)) from exc
+
+
+def _read_promotions(path: Path) -> list[dict[str, Any]]:
+    try:
+        return read_promotions(path)
     except LedgerError as exc:
         raise RegistryError(str(exc)) from exc
 
@@ -132,7 +143,7 @@ class Registry:
 
     def promotions(self) -> list[dict[str, Any]]:
         """The promotion log, oldest first (from ``PRODUCTION.json`` for an older registry)."""
-        log = _read_log(self.root / LOG)
+        log = _read_promotions(self.root / LOG)
         return log if log else self._log_from_pointer()
 
     def _log_from_pointer(self) -> list[dict[str, Any]]:
@@ -143,12 +154,37 @@ class Registry:
             raise RegistryError(str(exc)) from exc
 
     def production(self, at: str | dt.datetime | None = None) -> dict[str, Any] | None:
-        """The production pointer (now, or as it was at time ``at``), or None."""
+        """The production pointer (now, or as it was at time ``at``), or None.
+
+        Raises:
+            RegistryError: the log is damaged, or (now) ``PRODUCTION.json`` is damaged or
+                disagrees with the log; the message names the file and says what to do.
+        """
+        if at is None and (problem := self.pointer_problem()) is not None:
+            raise RegistryError(problem)
+        return self.from_log(at)
+
+    def from_log(self, at: str | dt.datetime | None = None) -> dict[str, Any] | None:
+        """The production pointer replayed from the log, whatever ``PRODUCTION.json`` says
+        (what a record's status is read from; :meth:`production` checks the pointer too)."""
         log = self.promotions()
         if at is not None:
             when = to_time(at)
             log = [e for e in log if to_time(e["time"]) <= when]
-        return replay(log)
+        return replay_moves(log)
+
+    def pointer_problem(self) -> str | None:
+        """Why ``PRODUCTION.json`` cannot be trusted beside the promotion log, with what to do,
+        or None (see :func:`~pipeline.lifecycle.integrity.pointer_problem`).
+
+        Raises:
+            RegistryError: the log itself is damaged (or, without a log, the pointer is).
+        """
+        log = _read_promotions(self.root / LOG)
+        if not log:
+            self._log_from_pointer()  # an older registry: the pointer is the record; raises if damaged
+            return None
+        return pointer_problem(self.root / POINTER, log)
 
     def record(self, bank: str) -> dict[str, Any]:
         """The bank's record exactly as it was written at registration."""
@@ -156,8 +192,10 @@ class Registry:
         path = self.root / bank_id / LINEAGE
         try:
             record = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise RegistryError(f"{path} is not JSON ({exc.msg}): the bank's record is damaged") from exc
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise RegistryError(f"{path} is not JSON ({exc}): the bank's record is damaged") from exc
+        if not isinstance(record, dict):
+            raise RegistryError(f"{path} is not a JSON object: the bank's record is damaged")
         return dict(record)
 
     def events(self, bank: str) -> list[dict[str, Any]]:
@@ -181,69 +219,23 @@ class Registry:
         return dict(gates)
 
     def status(self, bank: str, at: str | dt.datetime | None = None) -> str:
-        """``production``, ``rolled back``, ``retired`` (was production), ``candidate`` or
-        ``rejected`` (its latest gate results), now or as it was at time ``at``."""
-        bank_id = self.resolve(bank)
-        pointer = self.production(at)
-        if pointer is not None:
-            if pointer["bank_id"] == bank_id:
-                return "production"
-            if bank_id in pointer["rolled_back"]:
-                return "rolled back"
-            moves = [e for e in self.history(bank_id) if at is None or to_time(e["time"]) <= to_time(at)]
-            if any(e["to"] == bank_id for e in moves):
-                return "retired"  # was production, replaced by a later promotion
-        record = self.record(bank_id)
-        gates = record.get("gates") or {}
-        for event in self.events(bank_id):
-            if event.get("event") == "evaluated" and (at is None or to_time(event["time"]) <= to_time(at)):
-                gates = event.get("gates") or gates
-        if not gates:
-            return str(record.get("status", "candidate"))
-        return "candidate" if gates.get("passed") else "rejected"
+        """The bank's status now or at time ``at`` (:func:`~pipeline.lifecycle.lineage.status_of`)."""
+        return status_of(self, bank, at)
 
     def lineage(self, bank: str, at: str | dt.datetime | None = None) -> dict[str, Any]:
-        """The bank's record as registered, with what followed: its ``status`` (now, or at
-        time ``at``), ``model_tag``, promotion time and user while it is production,
-        ``evaluations`` (later evaluations of the same bank) and ``history`` (every event
-        and promotion-log entry of the bank, oldest first)."""
-        bank_id = self.resolve(bank)
-        record = self.record(bank_id)
-        events = self.events(bank_id)
-        if at is not None:
-            events = [e for e in events if to_time(e["time"]) <= to_time(at)]
-        record.setdefault("status_at_registration", record.get("status"))
-        record["status"] = self.status(bank_id, at)
-        pointer = self.production(at)
-        if pointer is not None and pointer["bank_id"] == bank_id:
-            record["promoted_at"], record["promoted_by"] = pointer["promoted_at"], pointer["promoted_by"]
-        for event in events:
-            if event.get("event") == "packaged":
-                record["model_tag"] = event["model_tag"]  # the latest packaging wins
-        record["evaluations"] = [e for e in events if e.get("event") == "evaluated"]
-        moves = [e for e in self.history(bank_id) if at is None or to_time(e["time"]) <= to_time(at)]
-        registered = record.get("status_at_registration") or record.get("status")
-        timeline = [{"time": record.get("created_at"), "event": "registered", "status": registered}]
-        timeline += [{"time": e["time"], "event": e["event"]} | {k: e[k] for k in ("gates_passed", "data_hash",
-                     "model_tag") if k in e} for e in events]
-        for entry in moves:
-            if entry["to"] == bank_id:
-                kind = "returned by rollback" if entry.get("reason") == "rollback" else "promoted"
-            else:
-                kind = "rolled back" if entry.get("reason") == "rollback" else "retired"
-            timeline.append({"time": entry["time"], "event": kind, "by": entry.get("user"),
-                             "reason": entry.get("reason"), "from": entry.get("from"), "to": entry.get("to")})
-        record["history"] = sorted(timeline, key=lambda e: to_time(e["time"] or "1970-01-01T00:00:00+00:00"))
-        return record
+        """The bank's record with what followed (:func:`~pipeline.lifecycle.lineage.lineage_of`)."""
+        return lineage_of(self, bank, at)
 
-    def list(self) -> list[dict[str, Any]]:
-        """Summary of every bank, newest first."""
+    def list(self, *, verify: bool = False) -> list[dict[str, Any]]:
+        """Summary of every bank, newest first; ``verify``: each row's ``problem`` says what is
+        wrong with the bank's files (:func:`bank_problem`), None when every sha256 matches."""
         rows = []
         for path in self._bank_dirs():
             rec = self.lineage(path.name)
             rows.append({
                 "bank_id": rec["bank_id"],
                 "status": rec["status"],
+                **({"problem": bank_problem(path)} if verify else {}),
                 "created_at": rec.get("created_at"),
                 "data_hash": rec.get("data_hash"),
                 "image_auroc": (rec.get("metrics") or {}).get("image_auroc"),
@@ -330,14 +322,14 @@ class Registry:
 
     def _log(self, entry: Mapping[str, Any], *, keep_pointer: bool = True) -> dict[str, Any]:
         """Append a promotion-log entry and rewrite the pointer from the log (lock held)."""
-        log = _read_log(self.root / LOG)
+        log = _read_promotions(self.root / LOG)
         if not log and keep_pointer:  # a registry from before the log: its history first
             for old in self._log_from_pointer():
                 append_jsonl(self.root / LOG, old)
                 log.append(old)
         row = {"seq": (log[-1]["seq"] + 1) if log else 1, "time": now(), **entry}
         append_jsonl(self.root / LOG, row)
-        pointer = replay([*log, row])
+        pointer = replay_moves([*log, row])
         assert pointer is not None
         write_json_atomic(self.root / POINTER, pointer)
         return pointer
@@ -347,33 +339,44 @@ class Registry:
         """Make ``bank`` the production bank, after verifying every file of it.
 
         Promoting the production bank changes nothing: the pointer is returned with
-        ``"unchanged": True``.
+        ``"unchanged": True``. With ``force`` over a damaged ``PRODUCTION.json`` the pointer is
+        written anew: from the log when the log is whole (promoting its production bank
+        again is a ``repair`` entry, which moves no bank), else as a new log.
 
         Raises:
-            RegistryError: the bank's latest gate results failed (unless ``force``), or it is corrupt.
+            RegistryError: the bank's latest gate results failed (unless ``force``), it is
+                corrupt, or the pointer is damaged (unless ``force``).
         """
         if reason not in REASONS:
             raise ValueError(f"promotion reason must be one of {', '.join(REASONS)}, got {reason!r}")
         with self.locked():
+            damaged = None
             try:
                 current = self.production()
-            except RegistryError:
+            except RegistryError as exc:
                 if not force:
                     raise
-                current = None  # --force starts a new log over a damaged pointer
+                damaged = str(exc)
+                log = _read_promotions(self.root / LOG)  # a damaged log is not repaired: restore it
+                current = replay_moves(log)  # the whole log still says; without one --force starts a new log
             bank_id = self.resolve(bank)
-            if current is not None and current["bank_id"] == bank_id:
+            if current is not None and current["bank_id"] == bank_id and damaged is None:
                 return current | {"unchanged": True}
+            repair = current is not None and current["bank_id"] == bank_id  # only over a damaged pointer
             gates = self.verdict(bank_id)
-            if not force and not gates.get("passed", False):
+            if not repair and not force and not gates.get("passed", False):
                 reasons = "; ".join(gates.get("failures", [])) or "it has no passing gate results"
                 raise RegistryError(f"bank {bank_id} cannot be promoted: {reasons}")
-            try:
-                read_manifest(self.root / bank_id)
-            except BankError as exc:
-                raise RegistryError(f"bank {bank_id} is corrupt and cannot be promoted: {exc}") from exc
+            problem = bank_problem(self.root / bank_id)
+            if problem is not None:
+                raise RegistryError(f"bank {bank_id} is corrupt and cannot be promoted: {problem}; restore "
+                                    f"{self.root / bank_id} from a backup or promote another bank")
+            note = {"note": f"over a damaged {POINTER}: {damaged}"} if damaged else {}
+            if repair:
+                rewrite = {"user": user_name(by), "from": bank_id, "to": bank_id, "reason": REPAIR, **note}
+                return self._log(rewrite) | {"repaired": True}
             entry = {"user": user_name(by), "from": current["bank_id"] if current else None, "to": bank_id,
-                     "reason": "forced" if force and not gates.get("passed") else reason}
+                     "reason": "forced" if force and not gates.get("passed") else reason, **note}
             return self._log(entry, keep_pointer=current is not None or not (self.root / POINTER).is_file())
 
     def rollback(self, *, by: str | None = None) -> dict[str, Any]:
@@ -390,8 +393,8 @@ class Registry:
             if previous is None:
                 raise NoEarlierBank(f"there is no previous production bank to roll back to: "
                                     f"{current['bank_id']} is the only bank that has been production")
-            try:
-                read_manifest(self.root / previous)
-            except BankError as exc:
-                raise RegistryError(f"previous production bank {previous} is corrupt, not rolled back: {exc}") from exc
+            problem = bank_problem(self.root / previous)
+            if problem is not None:
+                raise RegistryError(f"previous production bank {previous} is corrupt, not rolled back: {problem}; "
+                                    f"restore {self.root / previous} from a backup")
             return self._log({"user": user_name(by), "from": current["bank_id"], "to": previous, "reason": "rollback"})

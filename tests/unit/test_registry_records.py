@@ -20,9 +20,10 @@ import threading
 import pytest
 
 from pipeline.lifecycle import ledger
+from pipeline.lifecycle.integrity import bank_problem, verified_manifest
 from pipeline.lifecycle.ledger import Busy, FileLock, LedgerError, append_jsonl, read_jsonl, replay, to_time, user_name
 from pipeline.lifecycle.registry import NoEarlierBank, Registry, RegistryBusy, RegistryError
-from pipeline.patchcore.bank import FORMAT, bank_id_of
+from pipeline.patchcore.bank import FORMAT, BankError, bank_id_of
 
 OLD = "2020-01-01T00:00:00+00:00"
 
@@ -677,13 +678,15 @@ def test_a_bank_whose_latest_gates_failed_is_promoted_only_by_force(reg, new):
 def test_a_bank_with_a_changed_file_is_not_promoted_nor_rolled_back_to(reg, new):
     a, b = new("a"), new("b")
     (reg.root / a / "memory_bank.npy").write_bytes(b"changed")
-    with pytest.raises(RegistryError, match=rf"bank {a} is corrupt and cannot be promoted: .*memory_bank.npy has"):
+    with pytest.raises(RegistryError, match=rf"bank {a} is corrupt and cannot be promoted: memory_bank.npy sha256 "
+                                            "mismatch; restore "):
         reg.promote(a)
     (reg.root / a / "memory_bank.npy").write_bytes(b"memory bank of a")
     reg.promote(a)
     reg.promote(b)
     (reg.root / a / "memory_bank.npy").write_bytes(b"changed")
-    with pytest.raises(RegistryError, match=rf"previous production bank {a} is corrupt, not rolled back: "):
+    with pytest.raises(RegistryError, match=rf"previous production bank {a} is corrupt, not rolled back: "
+                                            "memory_bank.npy sha256 mismatch"):
         reg.rollback()
     assert reg.production()["bank_id"] == b and len(reg.history()) == 2
 
@@ -859,3 +862,182 @@ def test_a_damaged_pointer_is_reported_and_force_starts_a_new_log(reg, new, text
     pointer = reg.promote(a, force=True)
     assert (pointer["bank_id"], pointer["history"], pointer["seq"]) == (a, [], 1)
     assert [e["to"] for e in read_jsonl(reg.root / "promotions.jsonl")] == [a]
+
+
+# -- a damaged pointer beside a whole log (issue 29, finding 5) ---------------------------------
+def pointer_of(reg):
+    return json.loads((reg.root / "PRODUCTION.json").read_text())
+
+
+def test_a_pointer_the_log_replays_or_one_left_behind_by_a_kill_is_trusted(reg, new):
+    a, b = new("a"), new("b")
+    reg.promote(a)
+    assert reg.pointer_problem() is None
+    behind = pointer_of(reg)
+    reg.promote(b)
+    (reg.root / "PRODUCTION.json").write_text(json.dumps(behind))  # killed between the log and the pointer
+    assert reg.pointer_problem() is None and reg.production()["bank_id"] == b  # the log wins
+    (reg.root / "PRODUCTION.json").write_text(json.dumps({"bank_id": b}))  # no seq: only the latest
+    assert reg.pointer_problem() is None
+    (reg.root / "PRODUCTION.json").write_text(json.dumps({"bank_id": a}))
+    assert "names bank" in reg.pointer_problem()
+    (reg.root / "PRODUCTION.json").unlink()  # the first promotion killed before the pointer: the log says
+    assert reg.pointer_problem() is None and reg.production()["bank_id"] == b
+
+
+@pytest.mark.parametrize(("text", "why"), [
+    ('{"bank_id": "ab', "is damaged: not JSON (Unterminated string"),
+    ("[]", "is damaged: not a production pointer (no bank id)"),
+    ('{"history": []}', "is damaged: not a production pointer (no bank id)"),
+    ('{"bank_id": 7, "seq": 1}', "is damaged: not a production pointer (no bank id)"),
+    (b"\xff\xfe", "is damaged: not JSON"),
+    ("BANK_A 2", "is damaged: it names bank BANK_A (entry 2), which the promotion log did not make production "
+                 "there, so it was edited by hand"),
+    ("BANK_B 1", "is damaged: it names bank BANK_B (entry 1), which the promotion log did not make production"),
+    ("BANK_X 5", "is damaged: it names bank BANK_X (entry 5)"),
+])
+def test_a_damaged_pointer_beside_a_whole_log_is_refused_naming_the_file_and_the_repair(reg, new, text, why):
+    a, b = new("a"), new("b")
+    reg.promote(a)
+    reg.promote(b)
+    if isinstance(text, str) and text.startswith("BANK_"):
+        name, seq = text.split()
+        text = json.dumps({"bank_id": {"BANK_A": a, "BANK_B": b, "BANK_X": "x" * 16}[name], "seq": int(seq)})
+        why = why.replace("BANK_A", a).replace("BANK_B", b).replace("BANK_X", "x" * 16)
+    path = reg.root / "PRODUCTION.json"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    fix = f"; the promotion log makes {b} production: `tracebank promote --force {b}` rewrites the pointer from it"
+    assert reg.pointer_problem().startswith(f"{path} {why}") and fix in reg.pointer_problem()
+    for refused in (reg.production, reg.rollback, lambda: reg.promote(a), lambda: reg.resolve("production")):
+        with pytest.raises(RegistryError, match=re.escape(f"{path} is damaged")):
+            refused()
+    # the records still read from the log: the statuses, the lineage, the past
+    assert (reg.from_log()["bank_id"], reg.status(b), reg.status(a)) == (b, "production", "retired")
+    assert reg.lineage(b)["promoted_at"] == reg.history()[-1]["time"] and reg.production(at=dt.datetime.now(dt.UTC))
+    assert path.read_bytes() == (text if isinstance(text, bytes) else text.encode())  # reading changes nothing
+
+
+def test_promote_force_of_the_production_bank_rewrites_a_damaged_pointer_as_a_repair_entry(reg, new):
+    a, b = new("a"), new("b")
+    reg.promote(a)
+    before = reg.promote(b)
+    (reg.root / "PRODUCTION.json").write_text("[]")
+    repaired = reg.promote(b, force=True, by="ann")
+    assert repaired.pop("repaired") is True and repaired == before  # no bank moved: the same pointer as before
+    assert pointer_of(reg) == before and reg.pointer_problem() is None
+    entry = reg.history()[-1]
+    assert (entry["seq"], entry["user"], entry["from"], entry["to"], entry["reason"]) == (3, "ann", b, b, "repair")
+    assert entry["note"] == f"over a damaged PRODUCTION.json: {reg.root / 'PRODUCTION.json'} is damaged: not a " \
+        f"production pointer (no bank id); the promotion log makes {b} production: `tracebank promote --force " \
+        f"{b}` rewrites the pointer from it (a repair entry in the log)"
+    assert [e["event"] for e in reg.lineage(b)["history"]][-2:] == ["promoted", "pointer repaired"]
+    assert reg.promote(b) == before | {"unchanged": True}  # whole again: nothing to repair
+    assert reg.rollback()["bank_id"] == a  # the repair is no step of the stack: back to a, not to b
+    assert reg.status(b) == "rolled back"
+
+
+def test_promote_force_of_another_bank_over_a_damaged_pointer_continues_the_log(reg, new):
+    a, b, c = new("a"), new("b"), new("c", gates=FAILED)
+    reg.promote(a)
+    (reg.root / "PRODUCTION.json").write_text("{")
+    with pytest.raises(RegistryError, match="is damaged"):
+        reg.promote(b)  # without --force the damage is reported, nothing is written
+    assert len(reg.history()) == 1
+    pointer = reg.promote(b, force=True)
+    assert (pointer["bank_id"], pointer["previous"], pointer["seq"], pointer["reason"]) == (b, a, 2, "manual")
+    assert reg.history()[-1]["note"].startswith("over a damaged PRODUCTION.json: ")
+    (reg.root / "PRODUCTION.json").write_text("{")
+    assert reg.promote(c, force=True)["reason"] == "forced"  # its gates failed: forced, as ever
+    assert "note" not in reg.promote(a, force=True) and "note" not in reg.history()[-1]  # a whole pointer
+
+
+def test_a_corrupt_bank_is_not_repaired_to_and_a_damaged_log_is_not_repaired(reg, new):
+    a = new("a")
+    reg.promote(a)
+    (reg.root / "PRODUCTION.json").write_text("{")
+    (reg.root / a / "memory_bank.npy").write_bytes(b"changed")
+    with pytest.raises(RegistryError, match=f"bank {a} is corrupt and cannot be promoted: memory_bank.npy sha256"):
+        reg.promote(a, force=True)
+    assert len(reg.history()) == 1
+    (reg.root / "promotions.jsonl").write_text('{"seq": 1, "time": "2021-01-01T00:00:00+00:00"}\n')
+    with pytest.raises(RegistryError, match=r"promotions.jsonl: entry 1 is not a promotion \(no bank it promoted"):
+        reg.promote(a, force=True)
+
+
+@pytest.mark.parametrize(("entry", "why"), [
+    ({"seq": 2, "time": "2021-01-01T00:00:02+00:00"}, "no bank it promoted ('to')"),
+    ({"seq": 2, "time": "2021-01-01T00:00:02+00:00", "to": ""}, "no bank it promoted ('to')"),
+    ({"seq": 2, "time": "2021-01-01T00:00:02+00:00", "to": 5}, "no bank it promoted ('to')"),
+    ({"seq": 2, "to": "b"}, "'time'"),
+    ({"seq": 2, "to": "b", "time": "yesterday"}, "Invalid isoformat string"),
+    ({"seq": 2, "to": "b", "time": 5}, ""),  # TypeError, worded by Python
+])
+def test_a_promotion_log_entry_without_its_bank_or_time_is_refused(reg, entry, why):
+    write_log(reg, [(None, "a", "manual")])
+    append_jsonl(reg.root / "promotions.jsonl", entry)
+    with pytest.raises(RegistryError, match=rf"promotions.jsonl: entry 2 is not a promotion \({re.escape(why)}.*\); "
+                                            "the log was edited by hand or the disk is damaged: restore it"):
+        reg.history()
+
+
+def test_a_record_that_is_not_an_object_is_refused(reg, new):
+    a = new("a")
+    (reg.root / a / "lineage.json").write_text("[]")
+    with pytest.raises(RegistryError, match=r"lineage.json is not a JSON object: the bank's record is damaged"):
+        reg.record(a)
+    (reg.root / a / "lineage.json").write_bytes(b"\xff")
+    with pytest.raises(RegistryError, match=r"lineage.json is not JSON \(.*\): the bank's record is damaged"):
+        reg.record(a)
+
+
+# -- a bank's files against its manifest (issue 29, finding 7) -----------------------------------
+def edited(folder, **changes):
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest.update(changes)
+    for key in [k for k, v in changes.items() if v is None]:
+        del manifest[key]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(("damage", "why"), [
+    (lambda f: (f / "manifest.json").unlink(), "manifest.json missing"),
+    (lambda f: (f / "manifest.json").write_text("{"), "manifest.json is not JSON"),
+    (lambda f: (f / "manifest.json").write_bytes(b"\xff"), "manifest.json is not JSON"),
+    (lambda f: (f / "manifest.json").write_text("[]"), "manifest.json is not a JSON object"),
+    (lambda f: edited(f, format="tracebank-bank/9"), "manifest.json has format 'tracebank-bank/9', not one this "
+                                                     "version reads"),
+    (lambda f: edited(f, files=None), "manifest.json lists no files with their sha256"),
+    (lambda f: edited(f, files={}), "manifest.json lists no files with their sha256"),
+    (lambda f: edited(f, files=["memory_bank.npy"]), "manifest.json lists no files with their sha256"),
+    (lambda f: edited(f, files={"memory_bank.npy": 5}), "manifest.json lists no files with their sha256"),
+    (lambda f: edited(f, files={"../lineage.json": "0" * 64}), "manifest.json names '../lineage.json', not a file "
+                                                               "of the bank"),
+    (lambda f: edited(f, files={"..": "0" * 64}), "manifest.json names '..', not a file of the bank"),
+    (lambda f: (f / "memory_bank.npy").unlink(), "memory_bank.npy missing"),
+    (lambda f: (f / "memory_bank.npy").write_bytes(b"memory bank of b"), "memory_bank.npy sha256 mismatch"),
+    (lambda f: edited(f, backbone=None), "manifest.json is incomplete (no 'backbone')"),
+    (lambda f: edited(f, created_at="2030"), None),  # outside the bank's identity: still whole
+    (lambda f: edited(f, params={"features": {"x": 1}}), "manifest.json was edited: its contents do not match bank "
+                                                          "id BANK"),
+])
+def test_bank_problem_names_what_is_wrong_in_a_few_words(tmp_path, damage, why):
+    folder = tmp_path / "bank"
+    bank_id = write_bank(folder, "a")
+    assert bank_problem(folder) is None and verified_manifest(folder, "bank a")["bank_id"] == bank_id
+    damage(folder)
+    why = why and why.replace("BANK", bank_id)
+    assert bank_problem(folder) == why
+    if why is not None:
+        with pytest.raises(BankError, match=re.escape(f"production copy in {folder} is corrupt: {why}; do not use "
+                                                      "it: restore the folder from a backup, or promote another")):
+            verified_manifest(folder, "production copy")
+
+
+def test_the_list_says_which_bank_is_corrupt_when_asked_to_verify(reg, new):
+    a, b = new("a"), new("b")
+    reg.promote(a)
+    (reg.root / a / "memory_bank.npy").write_bytes(b"changed")
+    rows = {r["bank_id"]: r for r in reg.list(verify=True)}
+    assert (rows[a]["problem"], rows[a]["status"], rows[b]["problem"]) == ("memory_bank.npy sha256 mismatch",
+                                                                           "production", None)
+    assert all("problem" not in r for r in reg.list())  # not hashed unless asked
