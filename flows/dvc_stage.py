@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from pipeline.data.importer import recover_interrupted
 from pipeline.data.tracking import recorded_hash
 from pipeline.lifecycle import steps
 from pipeline.lifecycle.registry import Registry
@@ -28,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("stage", choices=["validate", "extract", "coreset", "evaluate", "gate", "package"])
     parser.add_argument("--registry", default="banks")
     args = parser.parse_args(argv)
+    for line in recover_interrupted("data"):  # leftovers of an import --replace killed mid-swap
+        print(line, file=sys.stderr)
     params = steps.Params.load("params.yaml")
     dataset = params.dataset()
     registry = Registry(args.registry)

@@ -24,7 +24,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from pipeline.data.datasets import Dataset
-from pipeline.data.importer import import_dataset
+from pipeline.data.importer import import_dataset, recover_interrupted
 from pipeline.data.tracking import dvc_add
 from pipeline.lifecycle.provenance import commit_data_pointer
 from pipeline.lifecycle.registry import Registry, RegistryBusy
@@ -43,6 +43,13 @@ from pipeline.lifecycle.steps import (
 
 
 @task(retries=2, retry_delay_seconds=2)
+def recover_data(data_dir: str = "data") -> None:
+    """Complete ``data_dir`` after an ``import --replace`` that was killed mid-swap (see
+    :func:`pipeline.data.importer.recover_interrupted`), before the run reads it."""
+    for line in recover_interrupted(data_dir):
+        print(line)
+
+
 def track_data(data_dir: str = "data", git_commit: bool = False) -> str | None:
     """``dvc add`` the data folder (a no-op when unchanged); returns the DVC hash. With
     ``git_commit`` (``retrain.git_commit``), commits the pointer files it changed."""
@@ -137,6 +144,7 @@ def train(
 
 def _train(params: Params, work: Path, registry: Registry, data_dir: str, auto_promote: bool,
            full: bool) -> dict[str, Any]:
+    recover_data(data_dir)
     data_hash = track_data(data_dir, params.retrain.git_commit) if Path(data_dir).is_dir() else None
     dataset = params.dataset()
     timings: dict[str, float] = {}
@@ -181,6 +189,7 @@ def retrain_if_changed(
     try:
         with registry.exclusive_run("tracebank-retrain-if-changed"):
             params = Params.load(params_file)
+            recover_data(data_dir)
             data_hash = track_data(data_dir, params.retrain.git_commit)
             same = already_made(registry, data_hash, params)
             if same is not None:

@@ -24,7 +24,7 @@ from typing import Any
 from pipeline.hashing import sha256_file
 
 from .datasets import IMAGE_SUFFIXES, DatasetError, Sample
-from .importer import safe_join, unique_name
+from .importer import recover_interrupted, safe_join, unique_name
 from .validation import ValidationConfig, describe, run_suite
 
 
@@ -95,6 +95,7 @@ def add_nominal(
         DatasetError: if ``root/train/good`` does not exist.
     """
     root = Path(root)
+    recover_interrupted(root)  # an import --replace killed mid-swap: data/ back whole first
     target_dir = root / "train" / "good"
     if not target_dir.is_dir():
         raise DatasetError(f"{target_dir} does not exist: import a dataset first (`tracebank import SPEC`)")

@@ -184,3 +184,27 @@ def test_import_replace_killed_at_every_step_leaves_a_complete_data_root(line, t
         shutil.rmtree(project)
     record(f"import_replace_{exchange}", {"steps": len(steps), "kills": outcomes, "problems": problems})
     assert not problems, "\n".join(problems)
+
+
+def test_tracebank_add_after_a_killed_fallback_swap_finds_the_old_data_whole(line, tmp_path, elpv_mono):
+    """Without RENAME_EXCHANGE the swap is two renames; killed between them there is no
+    data/. The next `tracebank add` (as the next flow run would) renames the old tree back
+    before it reads data/, and adds its image to it."""
+    for at in range(1, 10):
+        project = tmp_path / f"killed-{at}"
+        shutil.copytree(line["root"], project, symlinks=True)
+        proc, seen = _replace(line, project, at, "none")
+        assert proc.returncode == -signal.SIGKILL, seen
+        if not (project / "data").exists():
+            break
+        shutil.rmtree(project)
+    else:
+        pytest.fail("no kill point of the fallback swap left data/ missing")
+    assert any(name.startswith(".data.replaced-") for name in leftovers(project)), leftovers(project)
+    image = Path(elpv_mono.train[200].path)
+    added = run(project, str(BIN / "tracebank"), "add", str(image), "--json", check=False)
+    assert added.returncode == 0, added.stdout + added.stderr
+    assert leftovers(project) == []
+    tree = tree_hashes(project / "data")
+    assert {k: v for k, v in tree.items() if k in line["old"]} == line["old"]
+    assert set(tree) - set(line["old"]) == {f"train/good/{image.name}"}
