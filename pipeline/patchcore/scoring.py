@@ -52,7 +52,7 @@ def reweighted_image_scores(
         return s_star.astype(np.float32)
     m_star = nearest[rows, worst]  # (B,)
     _, neigh = index.search(bank[m_star], num_neighbors)  # (B, b)
-    scores = np.empty(len(worst), dtype=np.float64)
+    scores = np.empty(len(worst))  # float64
     for i in range(len(worst)):
         others = [j for j in neigh[i] if j != m_star[i]][: num_neighbors - 1]
         members = np.concatenate([[m_star[i]], np.asarray(others, dtype=np.int64)])

@@ -5,6 +5,7 @@ import pytest
 import scipy.ndimage
 import torch
 
+from pipeline.patchcore import scoring
 from pipeline.patchcore.features import Placement
 from pipeline.patchcore.index import NNIndex
 from pipeline.patchcore.scoring import (
@@ -15,6 +16,15 @@ from pipeline.patchcore.scoring import (
     smoothed_image_scores,
     to_original,
 )
+
+
+@pytest.fixture(autouse=True)
+def _fresh_operators():
+    """Each test builds the map and blur operators it uses: the caches would otherwise hand
+    it matrices an earlier test (or, under `make mutate`, the unmutated code) built."""
+    scoring.map_operator.cache_clear()
+    scoring.grid_blur_operator.cache_clear()
+    yield
 
 
 def _bank(m=300, d=24, seed=0):
@@ -311,3 +321,12 @@ def test_to_original_crops_the_content_box_and_resizes_bilinearly():
     # a wide original (4 high, 8 wide) letterboxed into rows 1..2 of the map: no padding leaks in
     wide = to_original(amap, Placement(height=4, width=8, top=1, left=2, inner_h=2, inner_w=2))
     assert wide.shape == (4, 8) and float(wide.max()) <= 12.0 and float(wide.min()) >= 0.0
+
+
+def test_anomaly_maps_are_float32_whatever_the_scores_come_in():
+    """A float64 grid (scores computed in double, as Eq. 7 does) still gives float32 maps,
+    the dtype the service encodes and the metrics read, equal to the float32 grid's."""
+    grid = np.random.default_rng(1).gamma(2.0, 5.0, size=(2, 7, 9))
+    maps = anomaly_maps(grid, 64, 1.5)
+    assert maps.dtype == np.float32
+    np.testing.assert_allclose(maps, anomaly_maps(grid.astype(np.float32), 64, 1.5), rtol=1e-6)

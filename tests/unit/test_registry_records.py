@@ -625,6 +625,21 @@ def test_find_is_the_newest_bank_with_that_data_and_those_params(reg, new):
     assert reg.find("d1", params) == a
 
 
+
+def test_find_goes_by_registration_time_not_by_bank_id(reg, new):
+    """Of two banks made from the same data and params, the one registered later is found,
+    whichever id sorts first."""
+    params = {"coreset": {"ratio": 0.1}}
+    x = new("x", created_at="2021-01-01T00:00:00+00:00", data_hash="d1", params=params)
+    y = new("y", created_at="2021-01-01T00:00:00+00:00", data_hash="d1", params=params)
+    first, second = sorted([x, y])
+    for bank, when in ((first, "2022-06-01T00:00:00+00:00"), (second, "2022-01-01T00:00:00+00:00")):
+        path = reg.root / bank / "lineage.json"
+        path.chmod(0o644)
+        path.write_text(json.dumps(json.loads(path.read_text()) | {"created_at": when}))
+    assert reg.find("d1", params) == first
+
+
 # -- promotions -------------------------------------------------------------------------------
 def test_promotions_are_logged_in_order_with_user_and_reason(reg, new, monkeypatch):
     a, b = new("a"), new("b")
