@@ -100,8 +100,9 @@ class Server:
         self.cwd = cwd
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 240.0, *, interval: float = 1.0) -> Server:
-        """Start ``bentoml serve`` and return once ``/readyz`` answers 200 (polled every ``interval`` s)."""
+    def start(self, timeout: float = 240.0, *, interval: float = 1.0, probe: str = "/readyz") -> Server:
+        """Start ``bentoml serve`` and return once ``probe`` answers 200 (polled every ``interval`` s):
+        ``/readyz`` by default, ``/healthz`` for a service that is up but may not be ready."""
         log = open(self.log_path, "wb")  # noqa: SIM115 - closed with the process
         self.proc = subprocess.Popen(
             [str(self.bentoml), "serve", *self.target, "--host", "127.0.0.1", "--port", str(self.port)],
@@ -112,11 +113,11 @@ class Server:
             if self.proc.poll() is not None:
                 raise AssertionError(f"bentoml serve exited ({self.proc.returncode}):\n{self.log()[-4000:]}")
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                if httpx.get(f"{self.url}{probe}", timeout=2).status_code == 200:
                     return self
             time.sleep(interval)
         self.stop()
-        raise AssertionError(f"service not ready after {timeout} s:\n{self.log()[-4000:]}")
+        raise AssertionError(f"service: no 200 from {probe} after {timeout} s:\n{self.log()[-4000:]}")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -31,22 +31,9 @@ class Started(Server):
     """A server that is up (``/healthz``) but may not be ready: :meth:`Server.start` waits for
     ``/readyz``, which a service over a damaged registry must not give."""
 
-    def start(self, timeout: float = 240.0) -> Started:
-        log = open(self.log_path, "wb")  # noqa: SIM115 - closed with the process
-        self.proc = subprocess.Popen(
-            [str(BIN / "bentoml"), "serve", "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"bentoml serve exited ({self.proc.returncode}):\n{self.log()[-4000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
-                    return self
-            time.sleep(1.0)
-        self.stop()
-        raise AssertionError(f"service not up after {timeout} s:\n{self.log()[-4000:]}")
+    def start(self, timeout: float = 240.0, *, interval: float = 1.0, probe: str = "/healthz") -> Started:
+        super().start(timeout, interval=interval, probe=probe)
+        return self
 
 
 @pytest.fixture(scope="module")
