@@ -134,3 +134,40 @@ def test_an_old_bank_without_a_graph_is_refused_clearly_without_torch(old_bank):
     assert "needs torch and timm, which are not installed" in proc.stdout
     assert "tracebank-bank/2 bank, written before banks carried the ONNX graph" in proc.stdout
     assert "tracebank fit --extend" in proc.stdout
+
+
+def test_the_commands_that_do_not_fit_run_without_torch(bank, tiles, tmp_path):
+    """`banks`, `lineage`, `promote`, `history`, `rollback`, `predict` and `audit` work where
+    torch and timm cannot be imported, and load neither."""
+    from PIL import Image
+
+    from pipeline.lifecycle.audit import AuditLog
+    from pipeline.lifecycle.registry import Registry
+
+    registry = Registry(tmp_path / "banks")
+    shutil.copytree(bank, tmp_path / "incoming")
+    bank_id = registry.register(tmp_path / "incoming", {"gates": {"passed": True, "failures": []}})
+    image = tmp_path / "tile.png"
+    Image.fromarray(tiles[0]).save(image)
+    db = tmp_path / "decisions.sqlite"
+    assert AuditLog(db).count() == 0
+    runs = {
+        "banks": ["banks"], "lineage": ["lineage", bank_id], "promote": ["promote", bank_id],
+        "history": ["history"], "rollback": ["rollback"], "predict": ["predict", "production", str(image)],
+        "audit": ["audit", "--db", str(db)],
+    }
+    code = ("import sys\nfrom pipeline.cli import main\nrc = main(sys.argv[1:])\n"
+            "print('LOADED', sorted(m for m in ('torch', 'timm') if m in sys.modules))\nsys.exit(rc)\n")
+    outputs = {}
+    for name, argv in runs.items():
+        registry_args = [] if name == "audit" else ["--registry", str(registry.root)]
+        proc = _run(code, *argv, *registry_args, "--json")
+        expected = 1 if name == "rollback" else 0  # no earlier production bank to go back to
+        assert proc.returncode == expected, f"{name}: {proc.stdout[-1500:]} {proc.stderr[-1500:]}"
+        *printed, loaded = proc.stdout.strip().splitlines()
+        assert loaded == "LOADED []", f"{name}: {proc.stdout[-500:]}"
+        outputs[name] = printed
+    assert json.loads(outputs["promote"][0])["bank_id"] == bank_id
+    (answer,) = json.loads(outputs["predict"][0])["results"]
+    model, _ = load_bank(registry.root / bank_id)
+    assert answer["score"] == pytest.approx(float(model.predict([tiles[0]], maps=False).scores[0]), rel=1e-5)
