@@ -156,17 +156,24 @@ def test_the_commands_that_do_not_fit_run_without_torch(bank, tiles, tmp_path):
         "history": ["history"], "rollback": ["rollback"], "predict": ["predict", "production", str(image)],
         "audit": ["audit", "--db", str(db)],
     }
-    code = ("import sys\nfrom pipeline.cli import main\nrc = main(sys.argv[1:])\n"
-            "print('LOADED', sorted(m for m in ('torch', 'timm') if m in sys.modules))\nsys.exit(rc)\n")
-    outputs = {}
-    for name, argv in runs.items():
-        registry_args = [] if name == "audit" else ["--registry", str(registry.root)]
-        proc = _run(code, *argv, *registry_args, "--json")
+    code = (  # one process, as the import is what costs: each command's exit code and output
+        "import contextlib, io, json, sys\nfrom pipeline.cli import main\nout = {}\n"
+        "for name, argv in json.loads(sys.argv[1]).items():\n"
+        "    printed = io.StringIO()\n"
+        "    with contextlib.redirect_stdout(printed):\n"
+        "        rc = main(argv)\n"
+        "    out[name] = [rc, printed.getvalue()]\n"
+        "print(json.dumps({'runs': out, 'loaded': sorted(m for m in ('torch', 'timm') if m in sys.modules)}))\n")
+    argvs = {name: [*argv, *([] if name == "audit" else ["--registry", str(registry.root)]), "--json"]
+             for name, argv in runs.items()}
+    proc = _run(code, json.dumps(argvs))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["loaded"] == []
+    for name, (rc, printed) in result["runs"].items():
         expected = 1 if name == "rollback" else 0  # no earlier production bank to go back to
-        assert proc.returncode == expected, f"{name}: {proc.stdout[-1500:]} {proc.stderr[-1500:]}"
-        *printed, loaded = proc.stdout.strip().splitlines()
-        assert loaded == "LOADED []", f"{name}: {proc.stdout[-500:]}"
-        outputs[name] = printed
+        assert rc == expected, f"{name}: {printed[-1500:]}"
+    outputs = {name: printed.splitlines() for name, (_, printed) in result["runs"].items()}
     assert json.loads(outputs["promote"][0])["bank_id"] == bank_id
     (answer,) = json.loads(outputs["predict"][0])["results"]
     model, _ = load_bank(registry.root / bank_id)
