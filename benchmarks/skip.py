@@ -33,10 +33,11 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 _CALL = """
-import json, time
+import asyncio, inspect, json, time
 from flows.train import {name}
 start = time.perf_counter()
 outcome = {name}(params_file="params.yaml", work_dir={work!r})
+outcome = asyncio.run(outcome) if inspect.iscoroutine(outcome) else outcome  # retrain_if_changed is async
 print(json.dumps({{"flow_s": time.perf_counter() - start, "outcome": outcome}}, default=str))
 """
 

@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 
 #: The defect families, in the order :func:`synthesize` cycles through them.
 FAMILIES = ("cutpaste", "blob", "scratch")
@@ -141,6 +140,7 @@ def estimate_foreground(image: np.ndarray) -> np.ndarray | None:
         object only if it covers 5% to 95% of the image and the class means lie at least four
         pooled standard deviations apart. Frame-filling textures (tiles, cells) get None.
     """
+    from scipy import ndimage  # here, not at the top: every flow run imports this module for its config
     grey = ndimage.gaussian_filter(_as_channels(image, 1)[..., 0], 2.0)
     hist = np.bincount(np.clip(grey, 0, 255).astype(np.int64).ravel(), minlength=256).astype(np.float64)
     weight, moment = np.cumsum(hist), np.cumsum(hist * np.arange(256))
@@ -190,6 +190,7 @@ def value_noise(shape: tuple[int, int], rng: np.random.Generator, *, cell: float
 
 def _cutpaste(base: np.ndarray, donor: np.ndarray, region: np.ndarray, target: int, rng: np.random.Generator) -> Pair:
     """A donor rectangle, rotated by a random angle and rescaled, placed inside ``region``."""
+    from scipy import ndimage  # here, not at the top: every flow run imports this module for its config
     height, width = region.shape
     aspect = float(np.exp(rng.uniform(np.log(1 / 3), np.log(3))))
     ph, pw = min(np.sqrt(target / aspect), 0.8 * height), min(np.sqrt(target * aspect), 0.8 * width)
@@ -241,6 +242,7 @@ def _blob(base: np.ndarray, donor: np.ndarray, region: np.ndarray, target: int, 
 
 def _scratch(base: np.ndarray, region: np.ndarray, target: int, rng: np.random.Generator) -> Pair:
     """Bent, rough curves (a crack that may branch), widened until they cover ``target`` pixels."""
+    from scipy import ndimage  # here, not at the top: every flow run imports this module for its config
     height, width = region.shape
     length = target / float(np.clip(np.sqrt(target) / 10, 2.0, 6.0))
     strokes = int(min(4, np.ceil(length / (0.6 * min(height, width)))))
@@ -276,6 +278,7 @@ def _blend(base: np.ndarray, new: np.ndarray, mask: np.ndarray, feather: float) 
         wholly inside. Masked pixels that rounding or a look-alike donor left within
         :data:`MIN_PIXEL_CHANGE` are pushed by that much, away from the nearer end of 0-255.
     """
+    from scipy import ndimage  # here, not at the top: every flow run imports this module for its config
     depth = ndimage.distance_transform_edt(mask)
     alpha = np.where(mask, 0.5 + 0.5 * np.minimum(depth / feather, 1.0), 0.0)[..., None]  # (H, W, 1)
     out = np.clip(np.rint(base + alpha * (new - base)), 0, 255)

@@ -286,7 +286,8 @@ def test_dvc_as_its_users_know_it(tmp_path):
 
 def test_new_nominal_images_trigger_a_retrain_that_is_promoted(flow_project, elpv_mono):
     project, _ = flow_project
-    code = "from flows.train import retrain_if_changed; import json; print(json.dumps(retrain_if_changed()))"
+    code = ("import asyncio, json; from flows.train import retrain_if_changed; "
+            "print(json.dumps(asyncio.run(retrain_if_changed())))")
     unchanged = json.loads(run(project, sys.executable, "-c", code).stdout.strip().splitlines()[-1])
     assert unchanged["retrained"] is False
     before = production(project)

@@ -28,8 +28,10 @@ def _tree_sha256(folder: Path) -> dict[str, str]:
 
 def _flow(project: Path, params_file: str = "params.yaml", work_dir: str = "runs/flow",
           name: str = "train") -> dict:
-    code = (f"from flows.train import {name}; import json; "
-            f"print(json.dumps({name}(params_file={params_file!r}, work_dir={work_dir!r}), default=str))")
+    code = (f"import asyncio, inspect, json; from flows.train import {name}; "
+            f"out = {name}(params_file={params_file!r}, work_dir={work_dir!r}); "
+            "out = asyncio.run(out) if inspect.iscoroutine(out) else out; "  # retrain_if_changed is async
+            "print(json.dumps(out, default=str))")
     return json.loads(run(project, sys.executable, "-c", code).stdout.strip().splitlines()[-1])
 
 
