@@ -93,23 +93,30 @@ def hammer(server: Server, project: dict, clients: int, seconds: float, *, toler
 def test_sixteen_clients_for_60s_mixed_traffic(project):
     db = project["root"] / "load.sqlite"
     with running(project["root"], TRACEBANK_AUDIT_DB=str(db)) as server:
-        hammer(server, project, 4, 5)  # warm-up
+        # warm-up at the same concurrency. ONNX Runtime's arena grows with the batch shapes it
+        # meets (about 80 MB over the first minute of this load, then it levels off: measured
+        # 406 -> 482 -> 487 MB at 30 s steps after this warm-up), so a leak is what still grows
+        # in the second half, not the growth from the start
+        hammer(server, project, 16, 30)
         warm_rows = len(rows_of(db))
         rss_start = server_rss(server)
-        tally, answered = hammer(server, project, 16, 60)
+        tally, answered = hammer(server, project, 16, 30)
+        rss_mid = server_rss(server)
+        more, more_answered = hammer(server, project, 16, 30)
+        tally, answered = tally + more, answered + more_answered
         rss_end = server_rss(server)
         alive = httpx.get(f"{server.url}/readyz").status_code
     rows = rows_of(db)[warm_rows:]
     figures = {"clients": 16, "seconds": 60, "requests": sum(tally.values()), "by_outcome": dict(tally),
                "answered": len(answered), "audit_rows": len(rows), "server_rss_start_mb": rss_start / 2**20,
-               "server_rss_end_mb": rss_end / 2**20}
+               "server_rss_mid_mb": rss_mid / 2**20, "server_rss_end_mb": rss_end / 2**20}
     record("load", figures)
     assert not any(k.endswith(tuple(f":{c}" for c in range(500, 600))) for k in tally), tally
     assert {k for k in tally if k.startswith("image:")} == {"image:200"}, tally
     assert all(k.split(":")[1] in ("400",) for k in tally if k.startswith("malformed:") and k != "malformed:200"), tally
     assert sorted(r["request_id"] for r in rows) == sorted(answered)  # each answer recorded exactly once
     assert alive == 200
-    assert rss_end < rss_start * 1.2, figures
+    assert rss_end < rss_mid * 1.05, figures  # levelled off: the last 30 s add under 5%
 
 
 def test_kill_9_under_load_keeps_every_committed_row(project):
