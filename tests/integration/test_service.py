@@ -22,7 +22,17 @@ import pytest
 from PIL import Image
 
 from pipeline.lifecycle.registry import Registry
-from tests.integration.service_support import BIN, TOKEN, Server, env_for, fit_and_register, png, run, running
+from tests.integration.service_support import (
+    BIN,
+    TOKEN,
+    Server,
+    clean_and_painted,
+    env_for,
+    fit_and_register,
+    png,
+    run,
+    running,
+)
 
 
 @pytest.fixture(scope="module")
@@ -340,15 +350,7 @@ def test_a_painted_defect_is_rejected_and_its_clean_tile_passed_by_the_service_a
     root = project["root"]
     with httpx.Client() as client:  # the bank the service serves now (earlier tests may have promoted another)
         bank = client.post(f"{server.url}/metadata", json={}).json()["bank_id"]
-    manifest = json.loads((root / "banks" / bank / "manifest.json").read_text())
-    trained = Path(manifest["training"]["files"][0]["path"])
-    tile = np.asarray(Image.open(trained).convert("L")).copy()
-    h, w = tile.shape
-    clean, painted = tmp_path / "clean.png", tmp_path / "painted.png"
-    clean.write_bytes(png(tile))
-    tile[h // 3 : h // 3 + h // 6, w // 3 : w // 3 + w // 6] = 0
-    tile[h // 2 : h // 2 + h // 8, w // 6 : w // 6 + w // 8] = 255
-    painted.write_bytes(png(tile))
+    clean, painted = clean_and_painted(root / "banks" / bank, tmp_path)
     with httpx.Client() as client:
         answers = [server.predict(client, p, f"paint-{i}").json() for i, p in enumerate((clean, painted))]
     assert [a["decision"] for a in answers] == ["good", "anomalous"] and {a["bank_id"] for a in answers} == {bank}
