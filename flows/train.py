@@ -43,7 +43,6 @@ from pipeline.lifecycle.steps import (
 )
 
 
-@task(retries=2, retry_delay_seconds=2)
 def recover_data(data_dir: str = "data") -> None:
     """Complete ``data_dir`` after an ``import --replace`` that was killed mid-swap (see
     :func:`pipeline.data.importer.recover_interrupted`), before the run reads it."""
@@ -51,6 +50,7 @@ def recover_data(data_dir: str = "data") -> None:
         print(line)
 
 
+@task(retries=2, retry_delay_seconds=2)
 def track_data(data_dir: str = "data", git_commit: bool = False) -> str | None:
     """``dvc add`` the data folder (a no-op when unchanged); returns the DVC hash. With
     ``git_commit`` (``retrain.git_commit``), commits the pointer files it changed."""
